@@ -1,0 +1,41 @@
+# Everything a fresh clone needs: `make run`, `make test`, `make bench`, `make proto`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint types pytest bench proto clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m uvicorn examples.service:app --host 127.0.0.1 --port 8000
+
+lint: $(STAMP)
+	$(PY) -m ruff format --check asgi_pprof tests examples bench
+	$(PY) -m ruff check asgi_pprof tests examples bench
+
+types: $(STAMP)
+	$(PY) -m mypy asgi_pprof
+
+pytest: $(STAMP)
+	$(PY) -m pytest --cov=asgi_pprof --cov-report=term --cov-fail-under=80 $(PYTEST_ARGS)
+
+test: lint types pytest
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+# Regenerate the protobuf module from the vendored profile.proto.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iasgi_pprof/proto --python_out=asgi_pprof/proto \
+		--pyi_out=asgi_pprof/proto asgi_pprof/proto/profile.proto
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

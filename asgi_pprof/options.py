@@ -1,0 +1,84 @@
+"""The options of one pprof app, checked once when the app is made."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .profiles import NamedProfile
+
+__all__ = ["Options"]
+
+
+def _int_in(name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``create_app(**options)`` accepts. Every field is documented in the README."""
+
+    sample_hz: int = 100
+    """CPU profile sampling rate: one sample per 1/sample_hz s of a thread's CPU time."""
+
+    max_seconds: int = 600
+    """Longest window a ``seconds=N`` request may ask for (profile, trace, delta profiles)."""
+
+    switch_interval: float | None = 0.0002
+    """GIL switch interval (s) while a CPU profile runs, so samples land where CPU burns.
+
+    None leaves the interpreter's setting alone (cheaper for GIL-heavy threads, but
+    bursts shorter than the interval are then charged to the line the thread blocked on).
+    """
+
+    track_task_creation: bool = False
+    """Record where each asyncio task was created (a task factory on the loop)."""
+
+    tracemalloc_frames: int = 0
+    """Start tracemalloc with this many frames when the app starts; 0 leaves it alone."""
+
+    heap_window_frames: int = 16
+    """Frames traced by ``heap?seconds=N`` when tracemalloc is off (window mode)."""
+
+    trace_sample_hz: int = 1000
+    """Stack sampling rate (wall clock) during ``/trace``."""
+
+    trace_max_events: int = 1_000_000
+    """Most events one trace keeps; past it the trace says it was truncated."""
+
+    profiles: Sequence[NamedProfile] = field(default_factory=tuple)
+    """Extra named profiles served beside the built-in ones (Go's ``pprof.NewProfile``)."""
+
+    def __post_init__(self) -> None:
+        _int_in("sample_hz", self.sample_hz, 1, 1000)
+        _int_in("max_seconds", self.max_seconds, 1, 24 * 3600)
+        if self.switch_interval is not None:
+            si = self.switch_interval
+            if isinstance(si, bool) or not isinstance(si, int | float):
+                raise ValueError("switch_interval must be a number of seconds or None")
+            if not (math.isfinite(si) and 1e-6 <= si <= 0.1):
+                raise ValueError(
+                    f"switch_interval must be between 1e-06 and 0.1 seconds, got {si}"
+                )
+        if not isinstance(self.track_task_creation, bool):
+            raise ValueError("track_task_creation must be True or False")
+        _int_in("tracemalloc_frames", self.tracemalloc_frames, 0, 1000)
+        _int_in("heap_window_frames", self.heap_window_frames, 1, 1000)
+        _int_in("trace_sample_hz", self.trace_sample_hz, 1, 10_000)
+        _int_in("trace_max_events", self.trace_max_events, 1000, 100_000_000)
+        from .profiles import NamedProfile  # runtime import: profiles imports nothing of ours here
+
+        names: set[str] = set()
+        for p in self.profiles:
+            if not isinstance(p, NamedProfile):
+                raise ValueError("profiles must be NamedProfile instances")
+            if not p.name or p.name in names:
+                raise ValueError(f"profile name {p.name!r} is empty or used twice")
+            names.add(p.name)

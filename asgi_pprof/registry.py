@@ -1,0 +1,15 @@
+"""The built-in named profiles, in one list: the place each collector plugs in."""
+
+from __future__ import annotations
+
+from .options import Options
+from .profiles import NamedProfile
+
+__all__ = ["builtin_profiles"]
+
+
+def builtin_profiles(options: Options) -> list[NamedProfile]:
+    """Return the built-in named profiles for an app with ``options``."""
+    profiles: list[NamedProfile] = []
+    # Each collector module adds its profiles here, one line each.
+    return profiles

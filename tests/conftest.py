@@ -1,0 +1,138 @@
+"""Shared fixtures: the mounted app, a real uvicorn server, the real go tool pprof, leak checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from asgi_pprof import create_app
+from asgi_pprof.concurrency import THREAD_PREFIX
+
+MOUNT = "/debug/pprof"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def own_threads() -> list[threading.Thread]:
+    """Return the asgi_pprof threads alive now."""
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Fail any test that leaves an asgi_pprof thread running or changes tracemalloc state."""
+    tracing_before = tracemalloc.is_tracing()
+    frames_before = tracemalloc.get_traceback_limit()
+    switch_before = sys.getswitchinterval()
+    yield
+    deadline = time.monotonic() + 5
+    while own_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    left = own_threads()
+    assert not left, f"asgi_pprof threads left running: {[t.name for t in left]}"
+    assert tracemalloc.is_tracing() == tracing_before, "tracemalloc state changed"
+    if tracing_before:
+        assert tracemalloc.get_traceback_limit() == frames_before
+    assert sys.getswitchinterval() == switch_before, "switch interval not restored"
+
+
+def mounted(**options: Any) -> Starlette:
+    """Return a parent Starlette app with a pprof app mounted at /debug/pprof."""
+    return Starlette(routes=[Mount(MOUNT, app=create_app(**options))])
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on a parent app that mounts the pprof app at /debug/pprof."""
+    transport = httpx.ASGITransport(app=mounted())
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1 in a thread (the loop is not the main thread's)."""
+
+    def __init__(self, app: Any, **config: Any) -> None:
+        self.port = free_port()
+        self.config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", **config
+        )
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def go_binary() -> str | None:
+    """Return the path of ``go``, skipping (or failing under ASGI_PPROF_REQUIRE_GO=1) if absent."""
+    go = shutil.which("go") or next(
+        (p for p in ("/usr/lib/go/bin/go", "/usr/local/go/bin/go") if Path(p).exists()), None
+    )
+    if go is None:
+        if os.environ.get("ASGI_PPROF_REQUIRE_GO") == "1":
+            pytest.fail("go is required (ASGI_PPROF_REQUIRE_GO=1) but not installed")
+        pytest.skip("go tool pprof not installed")
+    return go
+
+
+def go_pprof(*args: str, timeout: float = 120) -> str:
+    """Run the real ``go tool pprof`` and return its stdout; fail the test on a non-zero exit."""
+    go = go_binary()
+    assert go is not None
+    env = {**os.environ, "PPROF_TMPDIR": os.environ.get("PPROF_TMPDIR", "/tmp/asgi_pprof-tests")}
+    proc = subprocess.run(
+        [go, "tool", "pprof", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, f"go tool pprof {args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture
+def go_tool() -> Any:
+    """The ``go_pprof`` runner, after checking go is there."""
+    go_binary()
+    return go_pprof
