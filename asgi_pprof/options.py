@@ -31,8 +31,8 @@ class Options:
     max_seconds: int = 600
     """Longest window a ``seconds=N`` request may ask for (profile, trace, delta profiles)."""
 
-    switch_interval: float | None = 0.0002
-    """GIL switch interval (s) while a CPU profile runs, so samples land where CPU burns.
+    switch_interval: float | None = 0.0001
+    """GIL switch interval (s) while a CPU profile runs (0.1 ms), so samples land where CPU burns.
 
     None leaves the interpreter's setting alone (cheaper for GIL-heavy threads, but
     bursts shorter than the interval are then charged to the line the thread blocked on).
