@@ -1,0 +1,400 @@
+"""The CPU profile: true numbers on known workloads, the real go tool pprof, a free loop."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from asgi_pprof import builder
+from asgi_pprof.model import ProfileData
+from asgi_pprof.sampler import get_sampler
+from tests import workloads
+from tests.conftest import ServerThread, free_port, go_pprof, mounted
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_ms(data: ProfileData, function: str, thread: str | None = None) -> float:
+    """Return the CPU (ms) of samples whose stack passes through ``function`` (cumulative)."""
+    total = 0
+    for s in data.samples:
+        if thread is not None and dict(s.labels).get("thread") != thread:
+            continue
+        if any(f.function.endswith("." + function) for f in s.stack):
+            total += s.values[1]
+    return total / 1e6
+
+
+def leaf_ms(data: ProfileData, pattern: str, thread: str | None = None) -> float:
+    """Return the CPU (ms) of samples whose leaf frame's function matches ``pattern``."""
+    total = 0
+    for s in data.samples:
+        if thread is not None and dict(s.labels).get("thread") != thread:
+            continue
+        if s.stack and re.search(pattern, s.stack[0].function):
+            total += s.values[1]
+    return total / 1e6
+
+
+def thread_ms(data: ProfileData, thread: str) -> float:
+    return sum(s.values[1] for s in data.samples if dict(s.labels).get("thread") == thread) / 1e6
+
+
+@pytest.fixture
+def stop() -> Iterator[threading.Event]:
+    ev = threading.Event()
+    yield ev
+    ev.set()
+
+
+async def fetch_profile(client: httpx.AsyncClient, seconds: int) -> ProfileData:
+    r = await client.get(f"/debug/pprof/profile?seconds={seconds}", timeout=seconds + 30)
+    assert r.status_code == 200, r.text
+    return builder.decode(r.content)
+
+
+async def test_profile_shape(client: httpx.AsyncClient, stop: threading.Event) -> None:
+    t = threading.Thread(target=workloads.short_bursts_forever, args=(stop,), name="shape")
+    t.start()
+    data = await fetch_profile(client, 1)
+    stop.set()
+    t.join()
+    assert [tuple(v) for v in data.sample_types] == [("samples", "count"), ("cpu", "nanoseconds")]
+    assert tuple(data.period_type) == ("cpu", "nanoseconds")
+    assert data.period == 10_000_000
+    assert abs(data.time_nanos - time.time_ns()) < 10e9
+    assert 0.9e9 < data.duration_nanos < 2e9
+    for s in data.samples:
+        assert s.values[1] == s.values[0] * data.period
+        assert dict(s.labels)["thread"]
+        assert all(f.line > 0 and f.filename and f.function for f in s.stack)
+    # Never itself: no asgi_pprof thread and no sampler frame.
+    threads = {dict(s.labels)["thread"] for s in data.samples}
+    assert not any(name.startswith("asgi_pprof-") for name in threads)
+    funcs = {f.function for s in data.samples for f in s.stack}
+    assert not any(fn.startswith("asgi_pprof.sampler") for fn in funcs)
+
+
+async def test_two_threads_at_a_known_ratio(
+    client: httpx.AsyncClient, stop: threading.Event
+) -> None:
+    truth: dict[str, float] = {}
+    threads = [
+        threading.Thread(target=workloads.three_parts_worker, args=(stop, truth), name="three"),
+        threading.Thread(target=workloads.one_part_worker, args=(stop, truth), name="one"),
+    ]
+    for t in threads:
+        t.start()
+    data = await fetch_profile(client, 3)
+    stop.set()
+    for t in threads:
+        t.join()
+    three, one = cpu_ms(data, "three_parts_worker"), cpu_ms(data, "one_part_worker")
+    true_ratio = truth["three_parts_worker"] / truth["one_part_worker"]
+    assert one > 0
+    assert three / one == pytest.approx(true_ratio, rel=0.10)
+    # Absolute: the profile's CPU matches the threads' own CPU clocks.
+    assert three / 1e3 == pytest.approx(truth["three_parts_worker"], rel=0.15)
+
+
+async def test_event_loop_short_bursts_split_3_to_1(client: httpx.AsyncClient) -> None:
+    """The loop thread (main) alternates 3 ms alpha, 1 ms beta, a 2 ms sleep."""
+    assert threading.current_thread() is threading.main_thread()
+    done = False
+
+    async def bursts() -> None:
+        while not done:
+            workloads.alpha_burst()
+            workloads.beta_burst()
+            await asyncio.sleep(0.002)
+
+    task = asyncio.create_task(bursts())
+    try:
+        data = await fetch_profile(client, 3)
+    finally:
+        done = True
+        await task
+    main = threading.main_thread().name
+    alpha, beta = cpu_ms(data, "alpha_burst", main), cpu_ms(data, "beta_burst", main)
+    assert alpha / beta == pytest.approx(3.0, rel=0.10)
+    # Idle is not CPU: the loop's select/sleep lines carry little.
+    idle = leaf_ms(data, r"select|_run_once|sleep", main)
+    assert idle < 0.10 * thread_ms(data, main)
+
+
+async def test_short_bursts_on_another_thread(
+    client: httpx.AsyncClient, stop: threading.Event
+) -> None:
+    """The hardest case: bursts shorter than a jiffy on a thread the sampler must reach."""
+    t = threading.Thread(target=workloads.short_bursts_forever, args=(stop,), name="bursty")
+    t.start()
+    data = await fetch_profile(client, 3)
+    stop.set()
+    t.join()
+    alpha, beta = cpu_ms(data, "alpha_burst", "bursty"), cpu_ms(data, "beta_burst", "bursty")
+    print(f"\nnon-main thread alpha/beta = {alpha / beta:.2f} (true 3.0)")
+    assert alpha / beta == pytest.approx(3.0, rel=0.20)
+    sleeping = cpu_ms(data, "short_bursts_forever", "bursty") - alpha - beta
+    assert sleeping < 0.10 * thread_ms(data, "bursty")
+
+
+async def test_thread_blocked_on_io_shows_no_cpu(
+    client: httpx.AsyncClient, stop: threading.Event
+) -> None:
+    a, b = socket.socketpair()
+    t = threading.Thread(target=workloads.blocked_reader_thread, args=(a, stop), name="reader")
+    t.start()
+    try:
+        data = await fetch_profile(client, 1)
+    finally:
+        b.send(b"x")
+        t.join()
+        a.close()
+        b.close()
+    assert thread_ms(data, "reader") <= 10  # at most one stray tick
+
+
+def _load(url: str, seconds: float, counter: list[int]) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        conn.request("GET", "/work")
+        conn.getresponse().read()
+        counter[0] += 1
+    conn.close()
+
+
+@pytest.fixture
+def service() -> Iterator[str]:
+    """The workloads app under a real uvicorn in its own process (the loop on its main thread)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tests.workloads:app", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(url + "/debug/pprof/cmdline", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_async_route_cpu_lands_on_the_route_not_on_select(service: str) -> None:
+    counter = [0]
+    load = [threading.Thread(target=_load, args=(service, 4, counter)) for _ in range(2)]
+    for t in load:
+        t.start()
+    time.sleep(0.3)
+    r = httpx.get(service + "/debug/pprof/profile?seconds=3", timeout=30)
+    for t in load:
+        t.join()
+    data = builder.decode(r.content)
+    route = cpu_ms(data, "cpu_heavy_route_handler", "MainThread")
+    main = thread_ms(data, "MainThread")
+    idle = leaf_ms(data, r"select|_run_once", "MainThread")
+    assert counter[0] > 100
+    assert route > 0.5 * main, (route, main)
+    assert idle < 0.10 * main, (idle, main)
+
+
+@pytest.mark.go
+def test_go_tool_pprof_reads_profile_over_http(stop: threading.Event) -> None:
+    t = threading.Thread(target=workloads.short_bursts_forever, args=(stop,), name="gotool")
+    t.start()
+    with ServerThread(mounted()) as srv:
+        url = f"{srv.url}/debug/pprof/profile"
+        raw = go_pprof("-raw", "-seconds", "2", url)
+        top = go_pprof("-top", "-lines", f"{url}?seconds=2")
+        traces = go_pprof("-traces", "-tagfocus", "thread=gotool", f"{url}?seconds=2")
+    stop.set()
+    t.join()
+    assert "PeriodType: cpu nanoseconds" in raw
+    assert "samples/count cpu/nanoseconds" in raw
+    src = "tests/workloads.py"
+    line = next(
+        i
+        for i, ln in enumerate((ROOT / src).read_text().splitlines(), 1)
+        if "while time.thread_time() < end" in ln
+    )
+    assert re.search(rf"tests\.workloads\.spin_cpu .*{src}:{line}", top), top
+    assert "tests.workloads.alpha_burst" in traces
+    assert "thread:  gotool" in traces
+    other = [ln for ln in traces.splitlines() if ln.strip().startswith("thread:")]
+    assert other and all("gotool" in ln for ln in other)
+
+
+async def test_loop_stays_free_while_capturing_and_encoding(
+    client: httpx.AsyncClient, stop: threading.Event
+) -> None:
+    # Deep stacks in several threads make many distinct samples to encode.
+    def deep(n: int) -> None:
+        if n:
+            deep(n - 1)
+        else:
+            workloads.short_bursts_forever(stop)
+
+    threads = [threading.Thread(target=deep, args=(60 + i,), name=f"deep{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    worst = 0.0
+    running = True
+
+    async def ticker() -> None:
+        nonlocal worst
+        while running:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.005)
+            worst = max(worst, time.perf_counter() - t0 - 0.005)
+
+    tick = asyncio.create_task(ticker())
+    data = await fetch_profile(client, 2)
+    running = False
+    await tick
+    stop.set()
+    for t in threads:
+        t.join()
+    assert data.samples
+    assert worst < 0.1, f"event loop stalled {worst * 1e3:.1f} ms"
+
+
+async def test_overlapping_captures_each_get_their_window(
+    client: httpx.AsyncClient, stop: threading.Event
+) -> None:
+    t = threading.Thread(target=workloads.short_bursts_forever, args=(stop,), name="shared")
+    t.start()
+
+    async def later() -> ProfileData:
+        await asyncio.sleep(0.5)
+        return await fetch_profile(client, 1)
+
+    long, short = await asyncio.gather(fetch_profile(client, 2), later())
+    stop.set()
+    t.join()
+    assert 1.9e9 < long.duration_nanos < 3e9
+    assert 0.9e9 < short.duration_nanos < 1.8e9
+    for data in (long, short):
+        assert cpu_ms(data, "alpha_burst", "shared") > 0
+    assert thread_ms(short, "shared") < thread_ms(long, "shared")
+    assert not get_sampler(100, 0.0001).running
+
+
+def test_disconnected_client_stops_its_capture() -> None:
+    with ServerThread(mounted()) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"GET /debug/pprof/profile?seconds=20 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sampler = get_sampler(100, 0.0001)
+        deadline = time.monotonic() + 5
+        while not sampler.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sampler.running
+        sock.close()
+        deadline = time.monotonic() + 5
+        while sampler.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not sampler.running, "capture still running after the client left"
+
+
+def test_cpu_profile_of_a_process_with_no_loop_in_main(stop: threading.Event) -> None:
+    """start_server's case: pprof's loop in a thread; the main thread still profiled."""
+    code = (
+        "import time, urllib.request, sys\n"
+        "from asgi_pprof import start_server, builder\n"
+        "from tests.workloads import spin_cpu\n"
+        "def main_thread_crunch():\n"
+        "    end = time.monotonic() + 3\n"
+        "    while time.monotonic() < end: spin_cpu(0.01)\n"
+        "srv = start_server(port=0)\n"
+        "import threading\n"
+        "def fetch():\n"
+        "    body = urllib.request.urlopen(srv.url + 'profile?seconds=2').read()\n"
+        "    d = builder.decode(body)\n"
+        "    ms = sum(s.values[1] for s in d.samples if any("
+        "f.function.endswith('main_thread_crunch') for f in s.stack)) / 1e6\n"
+        "    print('MS', ms)\n"
+        "t = threading.Thread(target=fetch); t.start()\n"
+        "main_thread_crunch(); t.join(); srv.stop()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    ms = float(out.stdout.split("MS")[1])
+    assert ms > 1500, out.stdout
+
+
+def test_start_server_serves_and_stops_cleanly() -> None:
+    from asgi_pprof import start_server
+
+    before = {t.ident for t in threading.enumerate()}
+    srv = start_server(port=0)
+    try:
+        assert srv.running
+        assert srv.url.startswith("http://127.0.0.1:")
+        r = httpx.get(srv.url, timeout=5)
+        assert r.status_code == 200 and "Types of profiles available" in r.text
+        root = httpx.get(srv.url.replace("/debug/pprof/", "/"), timeout=5, follow_redirects=True)
+        assert root.status_code == 200 and root.url == srv.url
+    finally:
+        srv.stop()
+    assert not srv.running
+    assert {t.ident for t in threading.enumerate()} <= before
+
+
+def test_start_server_reports_a_busy_port() -> None:
+    from asgi_pprof import start_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(OSError, match="could not serve"):
+            start_server(port=s.getsockname()[1])
+
+
+def test_python_dash_m_serves(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asgi_pprof", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env={**os.environ},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/debug/pprof/cmdline", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert b"asgi_pprof" in r.content
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,0 +1,78 @@
+"""Workloads with distinctive function names, whose true CPU use is known."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from asgi_pprof import create_app
+
+
+def spin_cpu(seconds: float) -> None:
+    """Burn exactly ``seconds`` of this thread's CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def alpha_burst() -> None:
+    spin_cpu(0.003)
+
+
+def beta_burst() -> None:
+    spin_cpu(0.001)
+
+
+def short_bursts_forever(stop: threading.Event) -> None:
+    """~3 ms in alpha_burst, ~1 ms in beta_burst, then a ~2 ms sleep, until stopped."""
+    while not stop.is_set():
+        alpha_burst()
+        beta_burst()
+        time.sleep(0.002)
+
+
+def three_parts_worker(stop: threading.Event, out: dict[str, float]) -> None:
+    t0 = time.thread_time()
+    while not stop.is_set():
+        spin_cpu(0.003)
+        time.sleep(0.003)
+    out["three_parts_worker"] = time.thread_time() - t0
+
+
+def one_part_worker(stop: threading.Event, out: dict[str, float]) -> None:
+    t0 = time.thread_time()
+    while not stop.is_set():
+        spin_cpu(0.001)
+        time.sleep(0.005)
+    out["one_part_worker"] = time.thread_time() - t0
+
+
+def blocked_reader_thread(sock: object, stop: threading.Event) -> None:
+    """Block in recv until data comes (it never does until the test ends)."""
+    import socket
+
+    assert isinstance(sock, socket.socket)
+    sock.recv(1)
+
+
+def route_cpu_work() -> None:
+    spin_cpu(0.002)
+
+
+async def cpu_heavy_route_handler(request: Request) -> PlainTextResponse:
+    """An async route burning ~2 ms of CPU on the event loop per request."""
+    route_cpu_work()
+    return PlainTextResponse("ok")
+
+
+app = Starlette(
+    routes=[
+        Route("/work", cpu_heavy_route_handler),
+        Mount("/debug/pprof", app=create_app()),
+    ]
+)
