@@ -94,8 +94,6 @@ def start_server(
     root = make_root_app(app or create_app(**options))
     config = uvicorn.Config(root, host=host, port=port, log_level=log_level, lifespan="off")
     server = uvicorn.Server(config)
-    # uvicorn installs signal handlers only on the main thread; in ours it must not try.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     errors: list[BaseException] = []
 
     def serve() -> None:

@@ -41,6 +41,7 @@ class Custom(NamedProfile):
 
 KNOWN = Frame("tests.test_contract.known_function", __file__, 10, 12)
 KNOWN_PC = symbols.address_of(KNOWN)
+KNOWN_LINE = f"{KNOWN_PC:#x} {KNOWN.function}\n"
 
 
 @dataclass
@@ -61,9 +62,27 @@ ROWS = [
     Row("/debug/pprof/?debug=1", 200, HTML, prefix=b"<html>"),
     Row("/debug/pprof/cmdline", 200, TEXT),
     Row("/debug/pprof/cmdline?debug=1", 200, TEXT),
-    Row("/debug/pprof/profile?seconds=1", 200, BIN, 'attachment; filename="profile"', prefix=b"\x1f\x8b"),
-    Row("/debug/pprof/profile?seconds=%2B1", 200, BIN, 'attachment; filename="profile"', prefix=b"\x1f\x8b"),
-    Row("/debug/pprof/profile?seconds=abc", 200, BIN, 'attachment; filename="profile"', prefix=b"\x1f\x8b"),
+    Row(
+        "/debug/pprof/profile?seconds=1",
+        200,
+        BIN,
+        'attachment; filename="profile"',
+        prefix=b"\x1f\x8b",
+    ),
+    Row(
+        "/debug/pprof/profile?seconds=%2B1",
+        200,
+        BIN,
+        'attachment; filename="profile"',
+        prefix=b"\x1f\x8b",
+    ),
+    Row(
+        "/debug/pprof/profile?seconds=abc",
+        200,
+        BIN,
+        'attachment; filename="profile"',
+        prefix=b"\x1f\x8b",
+    ),
     Row("/debug/pprof/profile?seconds=-1&debug=1", 200, BIN, 'attachment; filename="profile"'),
     Row(
         "/debug/pprof/profile?seconds=5",
@@ -73,10 +92,14 @@ ROWS = [
         go_error=True,
     ),
     Row("/debug/pprof/nosuchprofile", 404, TEXT, body=b"Unknown profile\n", go_error=True),
-    Row("/debug/pprof/nosuchprofile?seconds=1", 404, TEXT, body=b"Unknown profile\n", go_error=True),
+    Row(
+        "/debug/pprof/nosuchprofile?seconds=1", 404, TEXT, body=b"Unknown profile\n", go_error=True
+    ),
     Row("/debug/pprof/HEAP", 404, TEXT, body=b"Unknown profile\n", go_error=True),
     Row("/debug/pprof/heap/", 404, TEXT, body=b"Unknown profile\n", go_error=True),
-    Row("/debug/pprof/%2e%2e/%2e%2e/etc/passwd", 404, TEXT, body=b"Unknown profile\n", go_error=True),
+    Row(
+        "/debug/pprof/%2e%2e/%2e%2e/etc/passwd", 404, TEXT, body=b"Unknown profile\n", go_error=True
+    ),
     Row(
         "/debug/pprof/example.com/custom",
         200,
@@ -117,14 +140,24 @@ ROWS = [
         body=b'invalid value for "seconds" - must be a positive integer\n',
         go_error=True,
     ),
-    Row("/debug/pprof/example.com/custom?seconds=", 200, BIN, 'attachment; filename="example.com/custom"'),
+    Row(
+        "/debug/pprof/example.com/custom?seconds=",
+        200,
+        BIN,
+        'attachment; filename="example.com/custom"',
+    ),
     Row("/debug/pprof/symbol", 200, TEXT, body=b"num_symbols: 1\n"),
-    Row(f"/debug/pprof/symbol?{KNOWN_PC:#x}", 200, TEXT, body=f"num_symbols: 1\n{KNOWN_PC:#x} {KNOWN.function}\n".encode()),
+    Row(
+        f"/debug/pprof/symbol?{KNOWN_PC:#x}",
+        200,
+        TEXT,
+        body=f"num_symbols: 1\n{KNOWN_PC:#x} {KNOWN.function}\n".encode(),
+    ),
     Row(
         f"/debug/pprof/symbol?{KNOWN_PC:#x}+0x1+garbage+{KNOWN_PC}",
         200,
         TEXT,
-        body=f"num_symbols: 1\n{KNOWN_PC:#x} {KNOWN.function}\n{KNOWN_PC:#x} {KNOWN.function}\n".encode(),
+        body=f"num_symbols: 1\n{KNOWN_LINE}{KNOWN_LINE}".encode(),
     ),
     Row(f"/debug/pprof/symbol?{KNOWN_PC:#x}%2B{KNOWN_PC:#x}", 200, TEXT, body=b"num_symbols: 1\n"),
     Row(
@@ -168,7 +201,9 @@ def parent_fastapi() -> FastAPI:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("make_app", [parent_starlette, parent_fastapi], ids=["starlette", "fastapi"])
+@pytest.mark.parametrize(
+    "make_app", [parent_starlette, parent_fastapi], ids=["starlette", "fastapi"]
+)
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.method} {r.path}" for r in ROWS])
 async def test_contract_row(row: Row, make_app: object) -> None:
     assert callable(make_app)
@@ -201,7 +236,10 @@ async def test_index_rows_sorted_with_counts_and_relative_links(client: httpx.As
     names = [ln.split("'>")[1].split("</a>")[0] for ln in rows]
     assert names == sorted(names)
     assert {"cmdline", "profile", "trace", "example.com/custom"} <= set(names)
-    assert "<tr><td>2</td><td><a href='example.com/custom?debug=1'>example.com/custom</a></td></tr>" in rows
+    assert (
+        "<tr><td>2</td><td><a href='example.com/custom?debug=1'>example.com/custom</a></td></tr>"
+        in rows
+    )
     assert "<tr><td>0</td><td><a href='profile?debug=1'>profile</a></td></tr>" in rows
     assert "symbol" not in names
     assert "<li><div class=profile-name>example.com/custom: </div> </li>" in page

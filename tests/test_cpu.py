@@ -247,7 +247,8 @@ def test_go_tool_pprof_reads_profile_over_http(stop: threading.Event) -> None:
     assert "tests.workloads.alpha_burst" in traces
     assert "thread:  gotool" in traces
     other = [ln for ln in traces.splitlines() if ln.strip().startswith("thread:")]
-    assert other and all("gotool" in ln for ln in other)
+    assert other
+    assert all("gotool" in ln for ln in other)
 
 
 async def test_loop_stays_free_while_capturing_and_encoding(
@@ -359,9 +360,11 @@ def test_start_server_serves_and_stops_cleanly() -> None:
         assert srv.running
         assert srv.url.startswith("http://127.0.0.1:")
         r = httpx.get(srv.url, timeout=5)
-        assert r.status_code == 200 and "Types of profiles available" in r.text
+        assert r.status_code == 200
+        assert "Types of profiles available" in r.text
         root = httpx.get(srv.url.replace("/debug/pprof/", "/"), timeout=5, follow_redirects=True)
-        assert root.status_code == 200 and root.url == srv.url
+        assert root.status_code == 200
+        assert root.url == srv.url
     finally:
         srv.stop()
     assert not srv.running
