@@ -64,9 +64,7 @@ class Options:
             if isinstance(si, bool) or not isinstance(si, int | float):
                 raise ValueError("switch_interval must be a number of seconds or None")
             if not (math.isfinite(si) and 1e-6 <= si <= 0.1):
-                raise ValueError(
-                    f"switch_interval must be between 1e-06 and 0.1 seconds, got {si}"
-                )
+                raise ValueError(f"switch_interval must be between 1e-06 and 0.1 seconds, got {si}")
         if not isinstance(self.track_task_creation, bool):
             raise ValueError("track_task_creation must be True or False")
         _int_in("tracemalloc_frames", self.tracemalloc_frames, 0, 1000)

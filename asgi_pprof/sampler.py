@@ -312,9 +312,10 @@ class Sampler:
     def _restore_switch_interval(self) -> None:
         # Put back the interpreter's setting, unless someone changed it meanwhile.
         if self._saved_switch is not None:
-            if self.switch_interval is not None and abs(
-                sys.getswitchinterval() - self.switch_interval
-            ) < 1e-9:
+            if (
+                self.switch_interval is not None
+                and abs(sys.getswitchinterval() - self.switch_interval) < 1e-9
+            ):
                 sys.setswitchinterval(self._saved_switch)
             self._saved_switch = None
 
@@ -328,9 +329,7 @@ class Sampler:
                 self.mode = "polling"
                 self._run_polling(stop)
 
-    def _deliver(
-        self, ident_ticks: dict[int, int], frames: dict[int, types.FrameType]
-    ) -> None:
+    def _deliver(self, ident_ticks: dict[int, int], frames: dict[int, types.FrameType]) -> None:
         t0 = time.perf_counter()
         names = {t.ident: t.name for t in threading.enumerate()}
         batch: list[tuple[Stack, str, int]] = []
