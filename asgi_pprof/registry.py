@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import goroutine
 from .options import Options
 from .profiles import NamedProfile
 
@@ -12,4 +13,5 @@ def builtin_profiles(options: Options) -> list[NamedProfile]:
     """Return the built-in named profiles for an app with ``options``."""
     profiles: list[NamedProfile] = []
     # Each collector module adds its profiles here, one line each.
+    profiles += goroutine.profiles(options)
     return profiles

@@ -1,0 +1,208 @@
+"""The ``goroutine`` and ``threadcreate`` named profiles, and the ``debug=2`` dump.
+
+A "goroutine" is an asyncio task of any running loop or a Python thread (see
+``tasks``). ``debug=0`` is profile.proto with one ``goroutine/count`` sample per
+distinct stack and label set; ``debug=1`` Go's count text; ``debug=2`` a dump in the
+spirit of Go's panic output, one block per task or thread, identical tasks grouped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from . import tasks, threads
+from .concurrency import run_in_thread
+from .model import Frame, ProfileData, Sample, ValueType, labels_of
+from .options import Options
+from .profiles import NamedProfile
+from .tasks import StackRecord
+from .text import count_profile_text
+
+__all__ = ["GoroutineProfile", "ThreadcreateProfile", "dump", "profiles", "to_profile"]
+
+_GOROUTINE = ValueType("goroutine", "count")
+_NO_FRAME = (Frame("[no Python frame]", "<unknown>", 0, 0),)
+_MEMBERS_SHOWN = 20
+"""Members of a group of identical tasks listed one per line before "and N more"."""
+
+
+def _labels(rec: StackRecord) -> tuple[tuple[str, str], ...]:
+    # Low-cardinality values only, so -tagfocus splits and debug=1 still groups:
+    # task names and ids are often unique and live in the debug=2 dump.
+    if rec.kind == "task":
+        pairs = [("kind", "task"), ("state", rec.state), ("wait", rec.wait), ("loop", rec.loop)]
+    else:
+        pairs = [("kind", "thread"), ("state", rec.state), ("wait", rec.wait), ("thread", rec.name)]
+    return labels_of(pairs)
+
+
+def to_profile(records: Sequence[StackRecord]) -> ProfileData:
+    """Return the goroutine profile of ``records``: one sample per stack and label set."""
+    samples = [Sample(r.stack or _NO_FRAME, [1], _labels(r)) for r in records]
+    data = ProfileData(
+        sample_types=[_GOROUTINE],
+        period_type=_GOROUTINE,
+        period=1,
+        samples=samples,
+        time_nanos=time.time_ns(),
+    )
+    return data.merged()
+
+
+# --- debug=2 ------------------------------------------------------------------------------
+
+
+def _frame_lines(rec: StackRecord) -> list[str]:
+    out = []
+    for f in rec.stack or _NO_FRAME:
+        out.append(f"{f.function}(...)")
+        out.append(f"\t{f.filename}:{f.line}")
+    return out
+
+
+def _member(rec: StackRecord) -> str:
+    text = f'{rec.kind} {rec.ident:#x} "{rec.name}"' if rec.kind == "task" else ""
+    extra = []
+    if rec.detail:
+        extra.append(rec.detail)
+    if rec.waiting is not None:
+        extra.append(f"waiting {rec.waiting:.3g} s")
+    if rec.awaited_by:
+        extra.append("awaited by " + ", ".join(_link(a) for a in rec.awaited_by))
+    return text + (": " + "; ".join(extra) if extra else "")
+
+
+def _link(a: tasks.Link) -> str:
+    return f'task {a.task_id:#x} "{a.task_name}" ({a.how})'
+
+
+def _created(rec: StackRecord) -> list[str]:
+    c = rec.created
+    if c is None:
+        if rec.kind == "thread":
+            return []
+        if rec.tracked:
+            return ["created by: unknown (created before tracking started on this loop)"]
+        return ["created by: not tracked (create_app(track_task_creation=True) records it)"]
+    by = f' in task {c.task_id:#x} "{c.task_name}"' if c.task_id else " outside any task"
+    return [
+        f"created by {c.frame.function}{by}, {c.age:.3g} s ago",
+        f"\t{c.frame.filename}:{c.frame.line}",
+    ]
+
+
+def _group_key(rec: StackRecord) -> tuple[object, ...]:
+    c = rec.created
+    site = (c.frame, c.task_name) if c is not None else None
+    return (rec.kind, rec.loop, rec.state, rec.wait, rec.stack, site, rec.tracked)
+
+
+def dump(records: Sequence[StackRecord]) -> str:
+    """Return the ``debug=2`` text: a header, then one block per task, group or thread.
+
+    Tasks with the same loop, state, wait, stack and creation site form one block that
+    lists its members (id, name, what each waits on, who awaits it), the largest first.
+    """
+    task_recs = [r for r in records if r.kind == "task"]
+    thread_recs = [r for r in records if r.kind == "thread"]
+    loops = sorted({r.loop for r in task_recs})
+    tracked = any(r.tracked for r in task_recs)
+    head = [
+        f"goroutine dump: {len(task_recs)} tasks on {len(loops)} event "
+        f"loop{'s' if len(loops) != 1 else ''}, {len(thread_recs)} threads",
+        "creation sites: "
+        + (
+            "tracked"
+            if tracked
+            else "not tracked (create_app(track_task_creation=True) records them)"
+        ),
+    ]
+    blocks: list[list[str]] = []
+    groups: dict[tuple[object, ...], list[StackRecord]] = {}
+    for r in task_recs:
+        groups.setdefault(_group_key(r), []).append(r)
+    ordered = sorted(
+        groups.values(),
+        key=lambda g: (g[0].state != "running", g[0].loop, -len(g), g[0].ident),
+    )
+    for g in ordered:
+        first = g[0]
+        if len(g) == 1:
+            status = first.state + (f": {first.detail}" if first.detail else "")
+            if first.waiting is not None:
+                status += f", waiting {first.waiting:.3g} s"
+            lines = [f'task {first.ident:#x} "{first.name}" [{status}] on loop {first.loop}:']
+            lines += _frame_lines(first)
+            if first.awaited_by:
+                lines.append("awaited by " + ", ".join(_link(a) for a in first.awaited_by))
+        else:
+            lines = [f"{len(g)} tasks [{first.state}: {first.wait}] on loop {first.loop}:"]
+            lines += ["    " + _member(m) for m in g[:_MEMBERS_SHOWN]]
+            if len(g) > _MEMBERS_SHOWN:
+                lines.append(f"    ... and {len(g) - _MEMBERS_SHOWN} more")
+            lines += _frame_lines(first)
+        lines += _created(first)
+        blocks.append(lines)
+    for r in thread_recs:
+        status = r.state + (f": {r.detail}" if r.detail else "")
+        lines = [f'thread {r.ident} "{r.name}" [{status}]:', *_frame_lines(r)]
+        blocks.append(lines)
+    return "\n".join(head) + "\n\n" + "\n\n".join("\n".join(b) for b in blocks) + "\n"
+
+
+# --- the named profiles ---------------------------------------------------------------------
+
+
+class GoroutineProfile(NamedProfile):
+    """``/debug/pprof/goroutine``: every asyncio task and every thread."""
+
+    name = "goroutine"
+    description = (
+        "Stack traces of all current goroutines. Use debug=2 as a query parameter "
+        "to export in the same format as an unrecovered panic."
+    )
+
+    def __init__(self, track_creation: bool = False) -> None:
+        self.track_creation = track_creation
+
+    def count(self) -> int:
+        """Return the number of live tasks and threads (O(tasks), on the loop)."""
+        tasks.note_loop(self.track_creation)
+        return tasks.count()
+
+    async def collect(self, *, gc: bool = False) -> ProfileData:
+        """Return the goroutine profile, read and built in a worker thread."""
+        tasks.note_loop(self.track_creation)
+        return await run_in_thread(lambda: to_profile(tasks.snapshot()))
+
+    async def text(self, debug: int, *, gc: bool = False) -> str:
+        """Return Go's count text for ``debug=1``, the full dump for ``debug>=2``."""
+        tasks.note_loop(self.track_creation)
+        if debug >= 2:
+            return await run_in_thread(lambda: dump(tasks.snapshot()))
+        return await run_in_thread(
+            lambda: count_profile_text(self.name, to_profile(tasks.snapshot()))
+        )
+
+
+class ThreadcreateProfile(NamedProfile):
+    """``/debug/pprof/threadcreate``: threads created, with the stack that created each."""
+
+    name = "threadcreate"
+    description = "Stack traces that led to the creation of new OS threads"
+
+    def count(self) -> int:
+        """Return the number of threads created so far."""
+        return threads.created_count()
+
+    async def collect(self, *, gc: bool = False) -> ProfileData:
+        """Return the threadcreate profile (creation sites counted since import)."""
+        data = await run_in_thread(threads.profile)
+        data.time_nanos = time.time_ns()
+        return data
+
+
+def profiles(options: Options) -> list[NamedProfile]:
+    """Return the goroutine and threadcreate profiles for an app with ``options``."""
+    return [GoroutineProfile(options.track_task_creation), ThreadcreateProfile()]

@@ -1,0 +1,120 @@
+"""Where threads come from: the data behind ``/debug/pprof/threadcreate``.
+
+Go's threadcreate profile counts every OS thread the runtime ever made, each with the
+stack that made it. Here: every thread started since this module was imported, each
+with the stack that called ``Thread.start()``, plus the threads that already existed
+then (and threads started with the low-level ``_thread`` module), counted under an
+honest "creation site unknown" stack. Counts only grow, as in Go, so ``seconds=N``
+deltas show the threads created during the window.
+
+Recording a site costs one short stack walk per ``Thread.start()`` (see the README).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
+
+from .model import Frame, ProfileData, Sample, Stack, ValueType, function_name
+
+__all__ = ["UNKNOWN_SITE", "created_count", "install", "profile"]
+
+UNKNOWN_SITE: Stack = (
+    Frame(
+        function="[creation site unknown: thread started before asgi_pprof was imported "
+        "or through _thread]",
+        filename="<unknown>",
+        start_line=0,
+        line=0,
+    ),
+)
+"""The stack of threads whose creation was not seen (pprof cannot read an empty stack)."""
+
+_MAX_FRAMES = 32
+
+RawFrame = tuple[types.CodeType, int, str | None]
+"""A frame as recorded at creation time: cheap to take, turned into a Frame on demand."""
+
+_lock = threading.Lock()
+_sites: dict[tuple[RawFrame, ...], int] = {}
+_unknown = 0
+_seen_raw: set[int] = set()
+_orig_start: Callable[[threading.Thread], None] | None = None
+
+
+def _raw_stack(frame: types.FrameType | None) -> tuple[RawFrame, ...]:
+    out: list[RawFrame] = []
+    while frame is not None and len(out) < _MAX_FRAMES:
+        mod = frame.f_globals.get("__name__")
+        out.append((frame.f_code, frame.f_lineno or 0, mod if isinstance(mod, str) else None))
+        frame = frame.f_back
+    return tuple(out)
+
+
+def _start(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
+    site = _raw_stack(sys._getframe(1))
+    assert _orig_start is not None
+    _orig_start(self, *args, **kwargs)  # raises for a second start(): then nothing is counted
+    with _lock:
+        _sites[site] = _sites.get(site, 0) + 1
+
+
+def install() -> None:
+    """Start recording creation sites (idempotent); done when this module is imported.
+
+    Wraps ``threading.Thread.start`` so the creating stack is taken in the creating
+    thread, which is the only place it exists.
+    """
+    global _orig_start, _unknown
+    with _lock:
+        if _orig_start is not None:
+            return
+        _orig_start = threading.Thread.start
+        # Everything alive now was created before we could see it.
+        _unknown = len(sys._current_frames())
+        _seen_raw.update(sys._current_frames())
+    threading.Thread.start = _start  # type: ignore[method-assign]
+
+
+def _reconcile() -> None:
+    """Count threads started without ``Thread.start()`` (``_thread``) once, as unknown."""
+    global _unknown
+    active = threading._active  # type: ignore[attr-defined]
+    with _lock:
+        for ident in sys._current_frames():
+            t = active.get(ident)
+            if (t is None or isinstance(t, threading._DummyThread)) and ident not in _seen_raw:
+                _seen_raw.add(ident)
+                _unknown += 1
+
+
+def created_count() -> int:
+    """Return the number of threads created so far (Go's threadcreate count)."""
+    _reconcile()
+    with _lock:
+        return _unknown + sum(_sites.values())
+
+
+def _frames(site: tuple[RawFrame, ...]) -> Stack:
+    return tuple(
+        Frame(function_name(code, mod), code.co_filename, code.co_firstlineno, line)
+        for code, line, mod in site
+    )
+
+
+def profile() -> ProfileData:
+    """Return the threadcreate profile: one sample per creation stack, valued by count."""
+    _reconcile()
+    with _lock:
+        sites = list(_sites.items())
+        unknown = _unknown
+    samples = [Sample(UNKNOWN_SITE, [unknown])] if unknown else []
+    samples.extend(Sample(_frames(site), [n]) for site, n in sites)
+    vt = ValueType("threadcreate", "count")
+    return ProfileData(sample_types=[vt], period_type=vt, period=1, samples=samples).merged()
+
+
+install()
