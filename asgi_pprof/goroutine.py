@@ -174,15 +174,15 @@ class GoroutineProfile(NamedProfile):
     async def collect(self, *, gc: bool = False) -> ProfileData:
         """Return the goroutine profile, read and built in a worker thread."""
         tasks.note_loop(self.track_creation)
-        return await run_in_thread(lambda: to_profile(tasks.snapshot()))
+        return await run_in_thread(lambda: to_profile(tasks.snapshot(self.track_creation)))
 
     async def text(self, debug: int, *, gc: bool = False) -> str:
         """Return Go's count text for ``debug=1``, the full dump for ``debug>=2``."""
         tasks.note_loop(self.track_creation)
         if debug >= 2:
-            return await run_in_thread(lambda: dump(tasks.snapshot()))
+            return await run_in_thread(lambda: dump(tasks.snapshot(self.track_creation)))
         return await run_in_thread(
-            lambda: count_profile_text(self.name, to_profile(tasks.snapshot()))
+            lambda: count_profile_text(self.name, to_profile(tasks.snapshot(self.track_creation)))
         )
 
 

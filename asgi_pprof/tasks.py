@@ -101,7 +101,6 @@ _loop_threads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, str] = (
 )
 _factory_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 _installing: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-_want_tracking = False
 
 
 def note_loop(track_creation: bool = False) -> None:
@@ -110,11 +109,9 @@ def note_loop(track_creation: bool = False) -> None:
     Called on the loop by each profile request: a mounted app gets no lifespan events,
     so this is the first moment it can see its loop.
     """
-    global _want_tracking
     loop = asyncio.get_running_loop()
     _loop_threads[loop] = threading.current_thread().name
     if track_creation:
-        _want_tracking = True
         track_task_creation(loop)
 
 
@@ -196,8 +193,6 @@ def track_task_creation(loop: asyncio.AbstractEventLoop | None = None) -> None:
     ``loop`` defaults to the running loop. Call it from the thread running ``loop``
     (for example in a lifespan handler); an existing task factory is kept and wrapped.
     """
-    global _want_tracking
-    _want_tracking = True
     if loop is None:
         loop = asyncio.get_running_loop()
     if loop in _factory_loops:
@@ -560,10 +555,12 @@ def _thread_records(frames: dict[int, types.FrameType]) -> list[StackRecord]:
 # --- the snapshot ---------------------------------------------------------------------
 
 
-def snapshot() -> list[StackRecord]:
+def snapshot(track_creation: bool = False) -> list[StackRecord]:
     """Return every live task of every running loop and every thread, each once.
 
-    Runs in a worker thread; safe while tasks start and finish on their loops.
+    Runs in a worker thread; safe while tasks start and finish on their loops. With
+    ``track_creation``, loops seen here get the creation-tracking factory too (each
+    from its own thread), so tasks they create from now on have a creation site.
     """
     frames = sys._current_frames()
     now = time.monotonic()
@@ -613,7 +610,7 @@ def snapshot() -> list[StackRecord]:
         records.append(rec)
         raws.append((raw, rec))
     _link(raws)
-    if _want_tracking:
+    if track_creation:
         _track_foreign_loops(r for r, _ in raws)
     records.sort(key=lambda r: (r.state != "running", r.loop, r.ident))
     return records + _thread_records(frames)
