@@ -18,9 +18,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asgi_pprof import create_app  # noqa: E402
-from asgi_pprof.sampler import get_sampler, sample_stack  # noqa: E402
-from bench.common import RefServer, ab_rounds, during, measure, med, report  # noqa: E402
+from asgi_pprof import create_app
+from asgi_pprof.sampler import get_sampler, sample_stack
+from bench.common import RefServer, ab_rounds, during, measure, med, report
 
 ROUND_S = 4.0
 ROUNDS = 6
@@ -81,7 +81,7 @@ def cost_per_sample() -> None:
 
 
 def burn(stop: threading.Event) -> None:
-    """Short CPU bursts at stack depth ~40, with sleeps: many distinct samples, little GIL hogging."""
+    """Burn short CPU bursts at stack depth ~40 with sleeps: many samples, little GIL hogging."""
 
     def down(n: int) -> None:
         if n:
