@@ -1,0 +1,430 @@
+"""The execution trace: what every thread and event loop did, moment by moment.
+
+``capture(seconds, window, options)`` hooks the process for the length of the window
+and returns Chrome Trace Event Format JSON (written by ``trace_events``). Hooked, and
+only while a capture runs:
+
+* ``asyncio.Handle._run`` (class attribute): every callback or task step an asyncio
+  event loop of this process runs, timed with ``perf_counter_ns``. One extra Python
+  call per step. uvloop runs its own (Cython) handles: its steps are not seen.
+* ``gc.callbacks``: every collection, its generation, duration and what it collected.
+* the task factory of the loop the request runs on: when tasks are created.
+* a sampler thread (``asgi_pprof-trace``) reading ``sys._current_frames()`` at
+  ``trace_sample_hz`` (wall clock): the stacks that make the flame chart.
+
+Everything is put back as it was when the window ends, the client disconnects or
+the request is cancelled. One capture at a time: a second request gets Go's 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gc
+import logging
+import sys
+import threading
+import time
+import types
+import weakref
+from collections.abc import Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any, cast
+
+from .concurrency import THREAD_PREFIX, run_in_thread
+from .profiles import ProfileError
+from .trace_events import DONE, GC, NEW, SAMPLE, STEP, LoopInfo, RawTrace, render
+
+if TYPE_CHECKING:
+    from .concurrency import Window
+    from .options import Options
+
+__all__ = ["BUSY", "capture", "is_capturing"]
+
+log = logging.getLogger("asgi_pprof")
+
+BUSY = "Could not enable tracing: runtime error: tracing is already enabled"
+"""Go's text for a trace requested while another one runs."""
+
+_now = time.perf_counter_ns
+_get_ident = threading.get_ident
+
+_lock = threading.Lock()
+_active: _Recorder | None = None
+"""The running capture, read by the step hook on every loop of the process."""
+_original_run: Callable[[asyncio.Handle], None] | None = None
+
+_TASK_TYPES: tuple[type, ...] = tuple(
+    t for t in (asyncio.Task, getattr(asyncio.tasks, "_PyTask", None)) if isinstance(t, type)
+)
+_UVLOOP_NOTE = (
+    "loop {type} does not run asyncio.Handle callbacks (uvloop runs its own): its steps "
+    "are not shown; its thread's stack samples, task creation and completion, and GC are."
+)
+
+
+def is_capturing() -> bool:
+    """Return True while a trace capture runs in this process."""
+    return _active is not None
+
+
+def _run_step(self: asyncio.Handle) -> None:
+    """Replaces ``asyncio.Handle._run`` during a capture: run the step, then record it."""
+    run = _original_run
+    assert run is not None  # installed only after _original_run is set
+    rec = _active
+    if rec is None:
+        run(self)
+        return
+    t0 = _now()
+    try:
+        run(self)
+    finally:
+        rec.step(self, t0, _now())
+
+
+def _code_of(coro: object) -> types.CodeType | None:
+    """Return the code object of a coroutine or generator, None for other awaitables."""
+    code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+    return code if isinstance(code, types.CodeType) else None
+
+
+def _task_state(task: asyncio.Future[Any]) -> str:
+    if task.cancelled():
+        return "cancelled"
+    return "exception" if task.exception() is not None else "result"
+
+
+class _Recorder:
+    """Collects one capture's raw records; every hook appends to the one bounded list."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, options: Options) -> None:
+        self.loop = loop
+        self.limit = options.trace_max_events
+        self.hz = options.trace_sample_hz
+        self.records: list[Any] = []
+        self.truncated_ns: int | None = None
+        self.dropped = 0
+        self.loops: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
+        self.steps_visible = isinstance(loop, asyncio.BaseEventLoop)
+        self.tasks_at_start = len(asyncio.all_tasks(loop))
+        self.threads: dict[int, tuple[int | None, str]] = {}
+        self._gc_t0 = 0
+        self._prev_factory: Any = None
+        self._watched: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self.start_ns = _now()
+        self.wall_start = time.time()
+        self.end_ns = self.start_ns
+
+    # --- the bound --------------------------------------------------------------------
+
+    def _full(self, t: int) -> bool:
+        if len(self.records) < self.limit:
+            return False
+        if self.truncated_ns is None:
+            self.truncated_ns = t
+        self.dropped += 1
+        return True
+
+    # --- hooks ------------------------------------------------------------------------
+
+    def step(self, handle: asyncio.Handle, t0: int, t1: int) -> None:
+        """Record one loop step (called by :func:`_run_step` in the loop's thread)."""
+        ident = _get_ident()
+        loop = handle._loop  # type: ignore[attr-defined]
+        loop_id = id(loop)
+        if loop_id not in self.loops:
+            self.loops[loop_id] = (loop, ident)
+        cb = handle._callback  # type: ignore[attr-defined]
+        owner = getattr(cb, "__self__", None)
+        if isinstance(owner, _TASK_TYPES):
+            owner = cast("asyncio.Task[Any]", owner)
+            name = owner.get_name()
+            code = _code_of(owner.get_coro())
+            if not self._full(t0):
+                self.records.append((STEP, ident, t0, t1, loop_id, code, name))
+            if owner.done() and not self._full(t1):
+                self.records.append(
+                    (DONE, ident, t1, loop_id, name, code, _task_state(owner), id(owner))
+                )
+            return
+        if self._full(t0):
+            return
+        while isinstance(cb, functools.partial):
+            cb = cb.func
+        fn = getattr(cb, "__func__", None)
+        if fn is None:
+            # A builtin bound method (e.g. Future.set_result): keep its name, not its
+            # object, so the trace does not keep the object alive.
+            fn = cb if owner is None else f"{type(owner).__qualname__}.{cb.__name__}"
+        self.records.append((STEP, ident, t0, t1, loop_id, fn, None))
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """Record one collection (a ``gc.callbacks`` entry)."""
+        t = _now()
+        if phase == "start":
+            self._gc_t0 = t
+            return
+        if self._full(t):
+            return
+        self.records.append(
+            (
+                GC,
+                _get_ident(),
+                self._gc_t0 or t,
+                t,
+                info.get("generation", -1),
+                info.get("collected", 0),
+                info.get("uncollectable", 0),
+            )
+        )
+
+    def task_factory(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, Any] | Generator[Any, None, Any],
+        **kwargs: Any,
+    ) -> asyncio.Task[Any]:
+        """Create a task as the loop would, and record its creation."""
+        prev = self._prev_factory
+        task: asyncio.Task[Any]
+        if prev is not None:
+            task = cast("asyncio.Task[Any]", prev(loop, coro, **kwargs))
+        else:
+            task = asyncio.Task(coro, loop=loop, **kwargs)
+        t = _now()
+        if not self._full(t):
+            code = _code_of(coro)
+            # The name may still change (3.11/3.12 set it after the factory returns):
+            # keep a weak reference and read the name again when the capture stops.
+            self.records.append(
+                [NEW, _get_ident(), t, id(loop), task.get_name(), code, id(task), weakref.ref(task)]
+            )
+            if task.done():
+                self._on_done(task)
+            elif not self.steps_visible:
+                task.add_done_callback(self._on_done)
+                self._watched.add(task)
+        return task
+
+    def _on_done(self, task: asyncio.Future[Any]) -> None:
+        if _active is not self:
+            return
+        t = _now()
+        if self._full(t):
+            return
+        get_name = getattr(task, "get_name", None)
+        name = get_name() if get_name is not None else "?"
+        coro = getattr(task, "get_coro", lambda: None)()
+        self.records.append(
+            (
+                DONE,
+                _get_ident(),
+                t,
+                id(task.get_loop()),
+                name,
+                _code_of(coro),
+                _task_state(task),
+                id(task),
+            )
+        )
+
+    # --- the sampler thread -------------------------------------------------------------
+
+    def _refresh_threads(self) -> set[int]:
+        skip = set()
+        for th in threading.enumerate():
+            if th.ident is None:
+                continue
+            self.threads[th.ident] = (th.native_id, th.name)
+            if th.name.startswith(THREAD_PREFIX):
+                skip.add(th.ident)
+        return skip
+
+    def _sample(self) -> None:
+        me = _get_ident()
+        interval_ns = 1_000_000_000 // self.hz
+        current: dict[int, list[Any]] = {}
+        skip: set[int] = set()
+        refresh_at = 0
+        due = _now()
+        while True:
+            now = _now()
+            due = max(due + interval_ns, now)  # fixed rate; never a burst to catch up
+            if self._stop.wait((due - now) / 1e9):
+                break
+            if now >= refresh_at:
+                skip = self._refresh_threads() | {me}
+                refresh_at = now + 100_000_000
+            self._sample_once(current, skip)
+
+    def _sample_once(self, current: dict[int, list[Any]], skip: set[int]) -> None:
+        """Read every thread's stack once; a stack that did not change extends its record.
+
+        A method of its own so that no frame outlives the sample that read it.
+        """
+        frames = sys._current_frames()
+        t = _now()
+        # Our own frame is in there too, and it holds `frames`: drop it, or every sample
+        # leaves a reference cycle for the garbage collector.
+        frames.pop(_get_ident(), None)
+        records = self.records
+        for ident, frame in frames.items():
+            if ident in skip:
+                continue
+            codes: list[types.CodeType] = []
+            f: types.FrameType | None = frame
+            while f is not None and len(codes) < 512:
+                codes.append(f.f_code)
+                f = f.f_back
+            stack = tuple(codes)
+            cur = current.get(ident)
+            if cur is not None and cur[4] == stack:
+                cur[3] = t  # the same stack, seen once more
+                continue
+            if self._full(t):
+                continue
+            cur = [SAMPLE, ident, t, t, stack]
+            records.append(cur)
+            current[ident] = cur
+        for ident in [i for i in current if i not in frames]:
+            # The thread ended: close its flame chart here.
+            del current[ident]
+            if not self._full(t):
+                records.append([SAMPLE, ident, t, t, ()])
+        frames.clear()
+
+    def _sampler_main(self) -> None:
+        try:
+            self._sample()
+        except Exception:  # a sampler must never die silently
+            log.exception("asgi_pprof: the trace sampler failed; the trace has no more samples")
+
+    # --- install / uninstall ----------------------------------------------------------
+
+    def install(self) -> None:
+        """Hook the process (on the loop's thread). Undo with :meth:`uninstall`."""
+        global _active, _original_run
+        self._refresh_threads()
+        gc.callbacks.append(self.on_gc)
+        self._prev_factory = self.loop.get_task_factory()
+        self.loop.set_task_factory(self.task_factory)
+        current = asyncio.Handle.__dict__["_run"]
+        if current is not _run_step:
+            _original_run = current
+            asyncio.Handle._run = _run_step  # type: ignore[method-assign]
+        _active = self
+        self._sampler = threading.Thread(
+            target=self._sampler_main, name=THREAD_PREFIX + "trace", daemon=True
+        )
+        self._sampler.start()
+
+    def uninstall(self) -> None:
+        """Put back everything :meth:`install` changed, stop the sampler, read late names."""
+        global _active
+        self.end_ns = _now()
+        _active = None
+        self._stop.set()
+        try:
+            if asyncio.Handle.__dict__.get("_run") is _run_step and _original_run is not None:
+                asyncio.Handle._run = _original_run  # type: ignore[method-assign, assignment]
+            elif _original_run is not None:
+                log.warning("asgi_pprof: asyncio.Handle._run was replaced during a trace")
+        finally:
+            with contextlib.suppress(ValueError):
+                gc.callbacks.remove(self.on_gc)
+            if self.loop.get_task_factory() == self.task_factory:
+                self.loop.set_task_factory(self._prev_factory)
+            self._prev_factory = None
+            for task in list(self._watched):
+                task.remove_done_callback(self._on_done)
+            self._watched = weakref.WeakSet()
+            if self._sampler is not None:
+                # It wakes at once (the event is set) and finishes at most one sample.
+                self._sampler.join(5)
+                self._sampler = None
+        self._refresh_threads()
+        for r in self.records:
+            if r[0] == NEW:
+                task = r[7]()
+                if task is not None:
+                    r[4] = task.get_name()
+                r[7] = None
+
+    def raw(self, ended_early: bool) -> RawTrace:
+        """Return the records as a :class:`RawTrace` (call after :meth:`uninstall`)."""
+        loops: list[LoopInfo] = []
+        seen = dict(self.loops)
+        seen.setdefault(id(self.loop), (self.loop, _get_ident()))
+        notes = []
+        for loop_id, (loop, ident) in seen.items():
+            visible = isinstance(loop, asyncio.BaseEventLoop)
+            slow = getattr(loop, "slow_callback_duration", 0.1)
+            loops.append(
+                LoopInfo(
+                    loop_id=loop_id,
+                    type_name=f"{type(loop).__module__}.{type(loop).__qualname__}",
+                    ident=ident,
+                    steps_visible=visible,
+                    slow_ns=int(slow * 1e9),
+                    tasks_at_start=self.tasks_at_start if loop is self.loop else -1,
+                )
+            )
+            if not visible:
+                notes.append(_UVLOOP_NOTE.format(type=loops[-1].type_name))
+        if len(loops) > 1:
+            notes.append(
+                "Task creation is tracked on the loop that served the trace request only; "
+                "other loops show steps and task completion."
+            )
+        skip = frozenset(
+            c
+            for c in (
+                getattr(_original_run, "__code__", None),
+                _Recorder.step.__code__,
+            )
+            if isinstance(c, types.CodeType)
+        )
+        raw = RawTrace(
+            start_ns=self.start_ns,
+            end_ns=self.end_ns,
+            wall_start=self.wall_start,
+            sample_hz=self.hz,
+            max_events=self.limit,
+            records=self.records,
+            step_code=_run_step.__code__,
+            skip_codes=skip,
+            threads=dict(self.threads),
+            loops=loops,
+            truncated_ns=self.truncated_ns,
+            dropped=self.dropped,
+            ended_early=ended_early,
+            notes=notes,
+        )
+        self.records = []
+        self.loops = {}
+        return raw
+
+
+async def capture(seconds: float, window: Window, options: Options) -> bytes:
+    """Return a trace of the next ``seconds`` as Chrome Trace Event Format JSON.
+
+    Raises :class:`ProfileError` 500 with Go's text when a trace is already running,
+    and 500 ``context canceled`` when the client disconnects (the capture ends then).
+    """
+    if not _lock.acquire(blocking=False):
+        raise ProfileError(500, BUSY)
+    try:
+        rec = _Recorder(asyncio.get_running_loop(), options)
+        try:
+            rec.install()
+            completed = await window.wait(seconds)
+        finally:
+            rec.uninstall()
+        if not completed:
+            raise ProfileError(500, "context canceled")
+        return await run_in_thread(render, rec.raw(ended_early=False))
+    finally:
+        _lock.release()

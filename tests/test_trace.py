@@ -1,0 +1,625 @@
+"""The execution trace: what it shows, its format, a real viewer, parameters, and cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from asgi_pprof import create_app, tracing
+from asgi_pprof.concurrency import SleepWindow
+from asgi_pprof.options import Options
+from asgi_pprof.profiles import ProfileError
+
+from .conftest import ServerThread, mounted, own_threads
+
+pytestmark = pytest.mark.anyio
+
+TRACE = "/debug/pprof/trace"
+VIEWER = Path(__file__).parent / "viewer" / "node_modules" / "speedscope" / "dist" / "release"
+
+
+# --- workloads with distinctive names ---------------------------------------------------
+
+
+def trace_test_blocks_the_loop(seconds: float) -> None:
+    """Holds the event loop: a blocking call where an await belongs."""
+    time.sleep(seconds)
+
+
+def trace_test_thread_spins(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def trace_test_short_task(i: int) -> int:
+    await asyncio.sleep(0.01)
+    return i
+
+
+class _Cycle:
+    other: Any = None
+
+
+def make_cycles(n: int) -> list[_Cycle]:
+    """Return ``n`` pairs of objects that refer to each other (garbage once dropped)."""
+    out = []
+    for _ in range(n):
+        a, b = _Cycle(), _Cycle()
+        a.other, b.other = b, a
+        out.append(a)
+    return out
+
+
+async def workload(delay: float, block: float, thread_spin: float) -> None:
+    """After ``delay``: block the loop, spin a named thread, collect garbage, start tasks."""
+    await asyncio.sleep(delay)
+    trace_test_blocks_the_loop(block)
+    garbage = make_cycles(500)
+    del garbage  # 1000 objects only the collector can free
+    gc.collect()
+    # After the collection: it holds the GIL throughout, so no thread is sampled meanwhile.
+    th = threading.Thread(target=trace_test_thread_spins, args=(thread_spin,), name="trace-spin")
+    th.start()
+    await asyncio.gather(
+        *(asyncio.create_task(trace_test_short_task(i), name=f"trace-task-{i}") for i in range(5))
+    )
+    await asyncio.to_thread(th.join)
+
+
+async def traced(
+    client: httpx.AsyncClient, query: str, work: Callable[[], Awaitable[None]] | None = None
+) -> httpx.Response:
+    """Return the response of ``GET /trace?query`` while ``work`` runs on the same loop."""
+    task = asyncio.create_task(work()) if work is not None else None
+    r = await client.get(f"{TRACE}?{query}")
+    if task is not None:
+        await task
+    return r
+
+
+# --- Trace Event Format checks -----------------------------------------------------------
+
+_METADATA = {
+    "process_name": "name",
+    "process_labels": "labels",
+    "process_sort_index": "sort_index",
+    "thread_name": "name",
+    "thread_sort_index": "sort_index",
+}
+
+
+def check_format(doc: Any) -> list[dict[str, Any]]:
+    """Fail unless ``doc`` is valid Trace Event Format; return its events.
+
+    Every event has the fields its phase requires, B/E pairs balance per thread,
+    timestamps never go back on a track, and complete slices on a track nest.
+    """
+    assert isinstance(doc, dict), "JSON Object Format expected"
+    events = doc["traceEvents"]
+    assert isinstance(events, list)
+    last_ts: dict[tuple[int, int], float] = {}
+    open_b: dict[tuple[int, int], list[str]] = {}
+    open_x: dict[tuple[int, int], list[float]] = {}
+    for e in events:
+        ph = e["ph"]
+        assert isinstance(e["pid"], int)
+        if ph == "M":
+            assert e["name"] in _METADATA, e
+            assert _METADATA[e["name"]] in e["args"], e
+            continue
+        assert ph in {"X", "B", "E", "i", "I", "C"}, e
+        assert isinstance(e["tid"], int), e
+        assert isinstance(e["ts"], int | float), e
+        assert e["ts"] >= 0, e
+        assert isinstance(e.get("name", ""), str)
+        track = (e["pid"], e["tid"])
+        assert e["ts"] >= last_ts.get(track, 0), f"time goes back on {track}: {e}"
+        last_ts[track] = e["ts"]
+        if ph in ("X", "B", "i", "I", "C"):
+            assert isinstance(e["name"], str), e
+            assert e["name"], e
+        if ph == "X":
+            assert isinstance(e["dur"], int | float), e
+            assert e["dur"] >= 0, e
+            ends = open_x.setdefault(track, [])
+            while ends and ends[-1] <= e["ts"]:
+                ends.pop()
+            if ends:
+                assert e["ts"] + e["dur"] <= ends[-1], f"slice overlaps its parent: {e}"
+            ends.append(e["ts"] + e["dur"])
+        elif ph == "B":
+            open_b.setdefault(track, []).append(e["name"])
+        elif ph == "E":
+            assert open_b.get(track), f"E without B on {track}"
+            open_b[track].pop()
+        elif ph in ("i", "I"):
+            assert e.get("s", "t") in ("g", "p", "t"), e
+        elif ph == "C":
+            assert e["args"], e
+            assert all(isinstance(v, int | float) for v in e["args"].values()), e
+    assert not any(open_b.values()), "unbalanced B/E"
+    return events
+
+
+def tracks(events: list[dict[str, Any]]) -> dict[int, str]:
+    """Return ``tid -> track name``."""
+    return {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+
+
+def slices(events: list[dict[str, Any]], name_end: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["ph"] == "X" and e["name"].endswith(name_end)]
+
+
+def inside(child: dict[str, Any], parent: dict[str, Any]) -> bool:
+    return bool(
+        child["tid"] == parent["tid"]
+        and parent["ts"] <= child["ts"]
+        and child["ts"] + child["dur"] <= parent["ts"] + parent["dur"]
+    )
+
+
+def test_check_format_can_fail() -> None:
+    ok = {"ph": "X", "name": "a", "pid": 1, "tid": 1, "ts": 0, "dur": 10}
+    check_format({"traceEvents": [ok]})
+    bad = [
+        [{**ok, "dur": -1}],
+        [{k: v for k, v in ok.items() if k != "dur"}],
+        [ok, {**ok, "ts": 5, "dur": 10}],  # overlaps its parent
+        [{**ok, "ts": 5}, ok],  # time goes back
+        [{"ph": "B", "name": "a", "pid": 1, "tid": 1, "ts": 0}],
+        [{"ph": "E", "pid": 1, "tid": 1, "ts": 0}],
+        [{"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {}}],
+    ]
+    for events in bad:
+        with pytest.raises((AssertionError, KeyError)):
+            check_format({"traceEvents": events})
+
+
+# --- what the trace shows ---------------------------------------------------------------
+
+
+async def test_trace_shows_steps_flame_chart_gc_and_tasks(client: httpx.AsyncClient) -> None:
+    r = await traced(client, "seconds=0.9", lambda: workload(0.15, 0.3, 0.2))
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    events = check_format(doc)
+    names = tracks(events)
+    me = threading.get_native_id()
+    assert "asyncio loop" in names[me]
+
+    # The loop step that blocked: about 300 ms, marked slow, the function nested in it.
+    blockers = slices(events, "test_trace.trace_test_blocks_the_loop")
+    assert len(blockers) == 1, blockers
+    blocker = blockers[0]
+    assert blocker["tid"] == me
+    steps = [e for e in events if e.get("cat", "").startswith("asyncio.step")]
+    step = next(s for s in steps if inside(blocker, s))
+    assert 290_000 <= step["dur"] <= 450_000, step
+    assert "slow" in step["cat"], step
+    assert step["args"]["coro"].endswith("test_trace.workload"), step
+    assert step["args"]["task"].startswith("Task-")
+    assert blocker["dur"] >= 250_000, blocker
+    callers = [e for e in events if e["ph"] == "X" and inside(blocker, e) and e is not step]
+    assert any(c["name"].endswith("test_trace.workload") for c in callers), callers
+    # Short steps are there too, and are not marked slow.
+    assert any(s["dur"] < 5_000 and "slow" not in s["cat"] for s in steps)
+
+    # The named thread's own flame chart.
+    spin_tid = next(tid for tid, n in names.items() if n == "trace-spin")
+    spins = slices(events, "test_trace.trace_test_thread_spins")
+    assert spins
+    assert all(s["tid"] == spin_tid for s in spins)
+    assert max(s["dur"] for s in spins) >= 150_000, [(s["ts"], s["dur"]) for s in spins]
+
+    # gc.collect(): a gen-2 slice that collected our 1000 objects, on the gc track.
+    collections = [e for e in events if e.get("cat") == "gc"]
+    full = [e for e in collections if e["args"]["generation"] == 2]
+    assert full
+    assert max(e["args"]["collected"] for e in full) >= 1000, full
+    assert all(e["args"]["thread"] for e in full)
+    assert names[full[0]["tid"]].startswith("gc")
+
+    # Tasks: each created and done, in that order, on the loop's tasks track.
+    for i in range(5):
+        created = [e for e in events if e["name"] == f"created trace-task-{i} " + _coro()]
+        done = [e for e in events if e["name"] == f"done trace-task-{i} " + _coro()]
+        assert len(created) == 1, created
+        assert len(done) == 1, done
+        assert created[0]["ts"] <= done[0]["ts"]
+        assert done[0]["args"]["state"] == "result"
+        assert names[created[0]["tid"]].startswith("asyncio tasks")
+    counts = [e["args"]["alive"] for e in events if e["ph"] == "C"]
+    assert max(counts) - min(counts) >= 5, counts
+
+    other = doc["otherData"]
+    assert other["truncated"] is False
+    assert other["pid"] == os.getpid()
+    assert other["loops"][0]["steps_visible"] is True
+    assert 850_000 <= other["duration_us"] < 2_000_000
+
+
+def _coro() -> str:
+    return "tests.test_trace.trace_test_short_task"
+
+
+# --- a real viewer ------------------------------------------------------------------------
+
+
+def chromium() -> str | None:
+    """Return the Chromium binary and the speedscope bundle, skipping (or failing) if absent."""
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+    if exe is None or not (VIEWER / "index.html").exists():
+        missing = "chromium" if exe is None else f"speedscope (npm ci in {VIEWER.parents[2]})"
+        if os.environ.get("ASGI_PPROF_REQUIRE_GO") == "1":
+            pytest.fail(f"{missing} is required (ASGI_PPROF_REQUIRE_GO=1) but not installed")
+        pytest.skip(f"{missing} not installed")
+    return exe
+
+
+def speedscope_dom(trace: bytes, tmp: Path, view: str) -> str:
+    """Return the DOM speedscope renders for ``trace`` in headless Chromium."""
+    exe = chromium()
+    assert exe is not None
+    # speedscope's own loader (what its CLI does): a script that hands it the file.
+    loader = tmp / "load.js"
+    b64 = base64.b64encode(trace).decode()
+    loader.write_text(f"speedscope.loadFileFromBase64('trace.json', '{b64}')")
+    url = f"file://{VIEWER / 'index.html'}#localProfilePath={loader}&view={view}"
+    proc = subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-unsafe-swiftshader",
+            f"--user-data-dir={tmp / 'chromium'}",
+            "--window-size=1600,4000",
+            "--virtual-time-budget=8000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+async def test_trace_loads_in_speedscope(client: httpx.AsyncClient, tmp_path: Path) -> None:
+    chromium()
+
+    async def work() -> None:
+        await asyncio.sleep(0.05)
+        trace_test_blocks_the_loop(0.12)
+
+    r = await traced(client, "seconds=0.3", work)
+    assert r.status_code == 200
+    dom = speedscope_dom(r.content, tmp_path, "sandwich")
+    assert "<title>trace.json - speedscope</title>" in dom, dom[:2000]
+    assert "Something went wrong" not in dom
+    # The loop thread's profile is the one shown: its track name is in the toolbar.
+    assert "asyncio loop" in dom, dom[:3000]
+    # The sandwich table lists our function with the time speedscope computed for it.
+    # (speedscope shows a slice's args after its name.)
+    rows = re.findall(r"<tr[^>]*>((?:(?!</tr>).)*)</tr>", dom, re.S)
+    row = next((r for r in rows if "test_trace.trace_test_blocks_the_loop {" in r), None)
+    assert row, "speedscope did not list the blocking function"
+    total = re.search(r">([\d.]+)ms \(", row)
+    assert total, row
+    assert 100 <= float(total.group(1)) <= 200, row
+
+
+# --- parameters and errors -------------------------------------------------------------
+
+# (query, status, shortest, longest): Go's ParseFloat rules, default 1 s.
+ROWS = [
+    ("seconds=abc", 200, 0.95, 1.8),
+    ("", 200, 0.95, 1.8),
+    ("seconds=0.5", 200, 0.45, 1.2),
+    ("seconds=-1", 200, 0.95, 1.8),
+    ("seconds=NaN", 200, 0.0, 0.6),
+    ("seconds=inf", 200, 0.0, 0.6),
+    (f"seconds={Options().max_seconds + 1}", 400, 0.0, 0.5),
+    ("seconds=1e9", 400, 0.0, 0.5),
+]
+
+
+@pytest.mark.parametrize(("query", "status", "shortest", "longest"), ROWS)
+async def test_trace_parameters(
+    client: httpx.AsyncClient, query: str, status: int, shortest: float, longest: float
+) -> None:
+    t0 = time.monotonic()
+    r = await client.get(f"{TRACE}?{query}")
+    took = time.monotonic() - t0
+    assert r.status_code == status, r.text
+    assert shortest <= took <= longest, took
+    assert r.headers["x-content-type-options"] == "nosniff"
+    if status == 200:
+        assert r.headers["content-type"] == "application/octet-stream"
+        assert r.headers["content-disposition"] == 'attachment; filename="trace"'
+        assert "x-go-pprof" not in r.headers
+        check_format(r.json())
+    else:
+        limit = Options().max_seconds
+        assert r.text == f"profile duration exceeds server's limit of {limit} seconds\n"
+        assert r.headers["content-type"] == "text/plain; charset=utf-8"
+        assert r.headers["x-go-pprof"] == "1"
+        assert "content-disposition" not in r.headers
+
+
+async def test_trace_other_methods_are_405(client: httpx.AsyncClient) -> None:
+    r = await client.post(f"{TRACE}?seconds=0.1")
+    assert r.status_code == 405
+    assert not tracing.is_capturing()
+
+
+async def test_concurrent_trace_gets_go_500(client: httpx.AsyncClient) -> None:
+    async def second() -> httpx.Response:
+        await asyncio.sleep(0.1)
+        return await client.get(f"{TRACE}?seconds=0.2")
+
+    first, other = await asyncio.gather(client.get(f"{TRACE}?seconds=0.4"), second())
+    assert first.status_code == 200
+    check_format(first.json())
+    assert other.status_code == 500
+    assert other.text == tracing.BUSY + "\n"
+    assert other.headers["x-go-pprof"] == "1"
+    # The refusal left the running capture alone, and a trace works again afterwards.
+    assert (await client.get(f"{TRACE}?seconds=0.05")).status_code == 200
+
+
+# --- bounds ---------------------------------------------------------------------------------
+
+
+async def test_max_events_truncates_and_keeps_working() -> None:
+    transport = httpx.ASGITransport(app=mounted(trace_max_events=1000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+
+        async def many_tasks() -> None:
+            for _ in range(10):
+                await asyncio.gather(*(trace_test_short_task(i) for i in range(300)))
+
+        t0 = time.monotonic()
+        r = await traced(c, "seconds=0.4", many_tasks)
+        assert time.monotonic() - t0 >= 0.35
+    assert r.status_code == 200
+    doc = r.json()
+    events = check_format(doc)
+    timed = [e for e in events if e["ph"] != "M"]
+    assert len(timed) <= 1000 + 1
+    assert doc["otherData"]["truncated"] is True
+    assert doc["otherData"]["dropped_records"] > 0
+    assert any(e["name"].startswith("asgi_pprof: trace truncated") for e in timed)
+
+
+# --- the process is left as it was -----------------------------------------------------------
+
+
+def hooks() -> dict[str, Any]:
+    """Return everything a trace may touch, to compare before and after."""
+    state: dict[str, Any] = {
+        "handle_run": asyncio.Handle.__dict__["_run"],
+        "gc_callbacks": list(gc.callbacks),
+        "profile": sys.getprofile(),
+        "trace": sys.gettrace(),
+        "switch": sys.getswitchinterval(),
+        # anyio's idle worker threads are its pool's (the app's sync routes use it too).
+        "threads": sorted(t.name for t in threading.enumerate() if t.name != "AnyIO worker thread"),
+        "capturing": tracing.is_capturing(),
+    }
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is not None:
+        state["monitoring"] = [monitoring.get_tool(i) for i in range(6)]
+    return state
+
+
+def user_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+    task = asyncio.Task(coro, loop=loop, **kwargs)
+    task.made_by_user_factory = True  # type: ignore[attr-defined]
+    return task
+
+
+async def test_trace_leaves_process_as_before(client: httpx.AsyncClient) -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(user_factory)
+    try:
+        before = hooks()
+        seen: list[bool] = []
+
+        async def work() -> None:
+            await asyncio.sleep(0.05)
+            t = asyncio.create_task(trace_test_short_task(1))
+            seen.append(getattr(t, "made_by_user_factory", False))
+            await t
+
+        r = await traced(client, "seconds=0.2", work)
+        assert r.status_code == 200
+        assert seen == [True], "the user's task factory was bypassed during the trace"
+        assert loop.get_task_factory() is user_factory
+        assert hooks() == before
+    finally:
+        loop.set_task_factory(None)
+
+
+async def test_disconnect_ends_capture_and_cleans_up() -> None:
+    """A client that leaves mid-trace: the capture ends at once and leaves nothing."""
+    before = hooks()
+    app = create_app()
+    sent: list[dict[str, Any]] = []
+    t_disconnect = 0.0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal t_disconnect
+        await asyncio.sleep(0.2)
+        t_disconnect = time.monotonic()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/trace",
+        "raw_path": b"/trace",
+        "root_path": "",
+        "query_string": b"seconds=30",
+        "headers": [],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("test", 80),
+        "client": ("test", 1),
+        "app": app,
+    }
+    await app(scope, receive, send)
+    assert time.monotonic() - t_disconnect < 1.0
+    assert sent[0]["status"] == 500
+    assert sent[1]["body"] == b"context canceled\n"
+    assert hooks() == before
+
+
+def test_disconnect_on_real_server_cleans_up() -> None:
+    """Through uvicorn: a client that closes its socket mid-trace ends the capture."""
+
+    async def factory(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(repr(asyncio.get_running_loop().get_task_factory()))
+
+    app = Starlette(routes=[Route("/factory", factory), Mount("/debug/pprof", app=create_app())])
+    with ServerThread(app) as server:
+        before = hooks()
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"GET /debug/pprof/trace?seconds=20 HTTP/1.1\r\nHost: x\r\n\r\n")
+            _wait_for(tracing.is_capturing, 5)
+        t0 = time.monotonic()
+        _wait_for(lambda: not tracing.is_capturing() and not own_threads(), 5)
+        assert time.monotonic() - t0 < 2.0
+        assert httpx.get(f"{server.url}/factory").text == "None"
+        after = hooks()
+        assert after == before
+    assert not own_threads()
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {cond}"
+        time.sleep(0.01)
+
+
+# --- other loops -------------------------------------------------------------------------------
+
+
+def run_capture(
+    loop: asyncio.AbstractEventLoop, work: Callable[[], Awaitable[None]], seconds: float
+) -> Any:
+    async def main() -> bytes:
+        task = asyncio.ensure_future(work())
+        body = await tracing.capture(seconds, SleepWindow(), Options())
+        await task
+        return body
+
+    return json.loads(loop.run_until_complete(main()))
+
+
+def test_uvloop_shows_what_it_can_and_says_what_it_cannot() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+    try:
+        before = hooks()
+
+        async def work() -> None:
+            await asyncio.sleep(0.05)
+            trace_test_blocks_the_loop(0.1)
+            await asyncio.gather(
+                *(asyncio.create_task(trace_test_short_task(i), name=f"uv-{i}") for i in range(3))
+            )
+
+        doc = run_capture(loop, work, 0.3)
+        assert loop.get_task_factory() is None
+        assert hooks() == before
+    finally:
+        loop.close()
+    events = check_format(doc)
+    other = doc["otherData"]
+    assert other["loops"][0]["steps_visible"] is False
+    assert any("uvloop" in n and "not shown" in n for n in other["notes"])
+    assert not [e for e in events if e.get("cat", "").startswith("asyncio.step")]
+    # What can be shown: the thread's flame chart, task creation and completion.
+    blockers = slices(events, "test_trace.trace_test_blocks_the_loop")
+    assert blockers
+    assert max(b["dur"] for b in blockers) >= 80_000
+    names = [e["name"] for e in events if e["ph"] == "i"]
+    for i in range(3):
+        assert f"created uv-{i} {_coro()}" in names
+        assert f"done uv-{i} {_coro()}" in names
+    assert "steps not visible" in tracks(events)[threading.get_native_id()]
+
+
+def test_steps_of_a_loop_in_another_thread() -> None:
+    """The step hook is process-wide: a loop in another thread shows its steps too."""
+    stop = threading.Event()
+    other_ready = threading.Event()
+
+    def other_thread() -> None:
+        async def beat() -> None:
+            other_ready.set()
+            while not stop.is_set():
+                trace_test_thread_spins(0.02)
+                await asyncio.sleep(0.005)
+
+        asyncio.run(beat())
+
+    th = threading.Thread(target=other_thread, name="other-loop")
+    th.start()
+    try:
+        other_ready.wait(5)
+        loop = asyncio.new_event_loop()
+        try:
+            doc = run_capture(loop, lambda: asyncio.sleep(0), 0.3)
+        finally:
+            loop.close()
+    finally:
+        stop.set()
+        th.join(5)
+    events = check_format(doc)
+    tid = th.native_id
+    steps = [e for e in events if e.get("cat", "").startswith("asyncio.step") and e["tid"] == tid]
+    assert len(steps) >= 5, steps
+    assert any(s["args"].get("coro", "").endswith("other_thread.<locals>.beat") for s in steps)
+    assert "other-loop · asyncio loop" in tracks(events)[tid]
+    spins = slices(events, "trace_test_thread_spins")
+    assert any(inside(sp, st) for sp in spins for st in steps)
+
+
+async def test_capture_refuses_while_busy_without_touching_the_running_one() -> None:
+    loop_ok = asyncio.create_task(tracing.capture(0.2, SleepWindow(), Options()))
+    await asyncio.sleep(0.05)
+    assert tracing.is_capturing()
+    with pytest.raises(ProfileError) as e:
+        await tracing.capture(0.1, SleepWindow(), Options())
+    assert (e.value.status, e.value.text) == (500, tracing.BUSY)
+    assert tracing.is_capturing()
+    check_format(json.loads(await loop_ok))
