@@ -171,19 +171,26 @@ class GoroutineProfile(NamedProfile):
         tasks.note_loop(self.track_creation)
         return tasks.count()
 
+    def _profile(self) -> ProfileData:
+        with tasks.gc_deferred():
+            return to_profile(tasks.snapshot(self.track_creation))
+
+    def _text(self, debug: int) -> str:
+        with tasks.gc_deferred():
+            records = tasks.snapshot(self.track_creation)
+            if debug >= 2:
+                return dump(records)
+            return count_profile_text(self.name, to_profile(records))
+
     async def collect(self, *, gc: bool = False) -> ProfileData:
         """Return the goroutine profile, read and built in a worker thread."""
         tasks.note_loop(self.track_creation)
-        return await run_in_thread(lambda: to_profile(tasks.snapshot(self.track_creation)))
+        return await run_in_thread(self._profile)
 
     async def text(self, debug: int, *, gc: bool = False) -> str:
         """Return Go's count text for ``debug=1``, the full dump for ``debug>=2``."""
         tasks.note_loop(self.track_creation)
-        if debug >= 2:
-            return await run_in_thread(lambda: dump(tasks.snapshot(self.track_creation)))
-        return await run_in_thread(
-            lambda: count_profile_text(self.name, to_profile(tasks.snapshot(self.track_creation)))
-        )
+        return await run_in_thread(self._text, debug)
 
 
 class ThreadcreateProfile(NamedProfile):
