@@ -359,6 +359,10 @@ def _links(coro: Any) -> tuple[list[tuple[Any, types.FrameType, int]], Any, bool
             break
         running = running or run
         chain.append((c, fr, fr.f_lasti))
+        if nxt is None and t is _CORO and not fresh and not run:
+            # A suspended coroutine always awaits something: caught between states
+            # (3.13 shows this while the loop thread is mid-step).
+            raise _Moved
         c = nxt
     return chain, None, running, fresh
 
