@@ -395,22 +395,33 @@ def _read_suspended(task: Any) -> _Raw:
     return _Raw(task, [fr for _, fr, _ in chain], frames, waiter, False, fresh)
 
 
+def _other_threads() -> dict[int, types.FrameType]:
+    """Return the current frame of every thread but this one.
+
+    Never this thread's own frame: kept in a local, it would tie this frame, its
+    callers and all their locals into a cycle only a full garbage collection frees,
+    and that collection stalls the loop.
+    """
+    me = threading.get_ident()
+    return {k: v for k, v in sys._current_frames().items() if k != me}
+
+
 def _read_running(task: Any) -> tuple[_Raw, int] | None:
     coro = task.get_coro()
     top = getattr(coro, "cr_frame", None)
     if top is None:
         return None
-    for ident, leaf in sys._current_frames().items():
-        stack: list[types.FrameType] = []
+    for ident, leaf in _other_threads().items():
+        depth = 0
         f: types.FrameType | None = leaf
-        while f is not None and len(stack) < _MAX_DEPTH:
-            stack.append(f)
+        while f is not None and depth < _MAX_DEPTH:
             if f is top:
-                frames = tuple(frame_of(x) for x in stack)
+                frames = stack_of(leaf, depth + 1)
                 if getattr(coro, "cr_running", False):
                     return _Raw(task, [], frames, None, True, False), ident
                 return None
             f = f.f_back
+            depth += 1
     return None
 
 
@@ -536,9 +547,11 @@ _THREAD_WAITS: dict[str, str] = {
 
 
 def _thread_records(frames: dict[int, types.FrameType]) -> list[StackRecord]:
+    """Return a record per thread: those in ``frames`` and this one (Go lists itself too)."""
+    stacks = {ident: stack_of(top) for ident, top in frames.items()}
+    stacks[threading.get_ident()] = stack_of(sys._getframe())
     out = []
-    for ident, top in frames.items():
-        stack = stack_of(top)
+    for ident, stack in stacks.items():
         wait = next(
             (_THREAD_WAITS[f.function] for f in stack[:2] if f.function in _THREAD_WAITS), ""
         )
@@ -601,7 +614,7 @@ def snapshot(track_creation: bool = False) -> list[StackRecord]:
 
 
 def _snapshot(track_creation: bool) -> list[StackRecord]:
-    frames = sys._current_frames()
+    frames = _other_threads()
     now = time.monotonic()
     loop_now: dict[int, float | None] = {}
     records: list[StackRecord] = []
