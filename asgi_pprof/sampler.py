@@ -91,8 +91,10 @@ class Capture:
 
     def totals(self) -> dict[tuple[Stack, str], int]:
         """Return the tick counts of both sources, summed."""
+        # dict() copies in one step under the GIL: the main thread's handler may still be
+        # adding a last tick while this runs in a worker thread.
         out = dict(self.counts)
-        for key, n in self.signal_counts.items():
+        for key, n in dict(self.signal_counts).items():
             out[key] = out.get(key, 0) + n
         return out
 

@@ -1,0 +1,52 @@
+"""The public surface and option checking."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.applications import Starlette
+
+import asgi_pprof
+from asgi_pprof import create_app
+
+
+def test_public_surface_does_not_change_by_accident() -> None:
+    assert asgi_pprof.__all__ == sorted(asgi_pprof.__all__)
+    assert asgi_pprof.__all__ == [
+        "PprofServer",
+        "__version__",
+        "create_app",
+        "pprof_app",
+        "start_server",
+    ]
+    assert isinstance(asgi_pprof.pprof_app, Starlette)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sample_hz": 0}, "sample_hz must be between 1 and 1000"),
+        ({"sample_hz": 5000}, "sample_hz must be between 1 and 1000"),
+        ({"sample_hz": 1.5}, "sample_hz must be an int"),
+        ({"sample_hz": True}, "sample_hz must be an int"),
+        ({"max_seconds": 0}, "max_seconds must be between"),
+        ({"switch_interval": 0.0}, "switch_interval must be between"),
+        ({"switch_interval": float("nan")}, "switch_interval must be between"),
+        ({"switch_interval": "fast"}, "switch_interval must be a number"),
+        ({"track_task_creation": 1}, "track_task_creation must be True or False"),
+        ({"tracemalloc_frames": -1}, "tracemalloc_frames must be between"),
+        ({"trace_max_events": 10}, "trace_max_events must be between"),
+        ({"profiles": [object()]}, "profiles must be NamedProfile instances"),
+        ({"sample_rate": 100}, "unknown option 'sample_rate'"),
+    ],
+)
+def test_invalid_options_raise_value_error_with_a_sentence(
+    options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_app(**options)
+
+
+def test_valid_options_are_kept() -> None:
+    app = create_app(sample_hz=250, max_seconds=30, switch_interval=None)
+    opts = app.state.pprof_options
+    assert (opts.sample_hz, opts.max_seconds, opts.switch_interval) == (250, 30, None)
