@@ -180,12 +180,21 @@ def _load(url: str, seconds: float, counter: list[int]) -> None:
     conn.close()
 
 
-@pytest.fixture
-def service() -> Iterator[str]:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def service(request: pytest.FixtureRequest) -> Iterator[str]:
     """The workloads app under a real uvicorn in its own process (the loop on its main thread)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.workloads:app", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "tests.workloads:app",
+            "--port",
+            str(port),
+            "--loop",
+            request.param,
+        ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
