@@ -145,31 +145,31 @@ class _Libc:
     """The four libc calls the timer sampler needs, or None where they are missing."""
 
     def __init__(self) -> None:
-        name = ctypes.util.find_library("c") or "libc.so.6"
-        libc = ctypes.CDLL(name, use_errno=True)
-        try:
-            rt = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
-        except OSError:
-            rt = libc
-        self.timer_create = getattr(libc, "timer_create", None) or rt.timer_create
+        # The running process's own symbols first: dlopen(NULL) is instant, while
+        # find_library runs ldconfig (tens of ms, on the event loop's thread).
+        libc = ctypes.CDLL(None, use_errno=True)
+        if not hasattr(libc, "timer_create"):  # glibc < 2.34 keeps timers in librt
+            libc = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
+        self.timer_create = libc.timer_create
         self.timer_create.argtypes = [
             ctypes.c_int,
             ctypes.POINTER(_Sigevent),
             ctypes.POINTER(ctypes.c_void_p),
         ]
-        self.timer_settime = getattr(libc, "timer_settime", None) or rt.timer_settime
+        self.timer_settime = libc.timer_settime
         self.timer_settime.argtypes = [
             ctypes.c_void_p,
             ctypes.c_int,
             ctypes.POINTER(_Itimerspec),
             ctypes.c_void_p,
         ]
-        self.timer_delete = getattr(libc, "timer_delete", None) or rt.timer_delete
+        self.timer_delete = libc.timer_delete
         self.timer_delete.argtypes = [ctypes.c_void_p]
-        self.signalfd = libc.signalfd
+        base = ctypes.CDLL(None, use_errno=True)
+        self.signalfd = base.signalfd
         self.signalfd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-        self.sigemptyset = libc.sigemptyset
-        self.sigaddset = libc.sigaddset
+        self.sigemptyset = base.sigemptyset
+        self.sigaddset = base.sigaddset
 
 
 _libc: _Libc | None | bool = False
