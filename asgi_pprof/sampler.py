@@ -172,7 +172,7 @@ class _Libc:
         self.sigaddset = base.sigaddset
 
 
-_libc: _Libc | None | bool = False
+_libc: _Libc | bool | None = False
 
 
 def _get_libc() -> _Libc | None:
