@@ -348,7 +348,12 @@ def _links(coro: Any) -> tuple[list[tuple[Any, types.FrameType, int]], Any, bool
         t = type(c)
         if t is _CORO:
             fr, nxt, run = c.cr_frame, c.cr_await, c.cr_running
-            fresh = fresh or (not run and not c.cr_suspended and fr is not None)
+            if not run and not c.cr_suspended and fr is not None:
+                # Neither running nor suspended: not started (still at its first line),
+                # or finished a moment ago while its task has not yet recorded it.
+                if fr.f_lineno != fr.f_code.co_firstlineno:
+                    raise _Moved
+                fresh = True
         elif t is _GEN:
             fr, nxt, run = c.gi_frame, c.gi_yieldfrom, c.gi_running
         elif t is _AGEN:
@@ -356,6 +361,8 @@ def _links(coro: Any) -> tuple[list[tuple[Any, types.FrameType, int]], Any, bool
         else:
             return chain, c, running, fresh
         if fr is None:
+            if chain:  # awaiting a coroutine that just finished: the awaiter moves on next
+                raise _Moved
             break
         running = running or run
         chain.append((c, fr, fr.f_lasti))
@@ -364,7 +371,7 @@ def _links(coro: Any) -> tuple[list[tuple[Any, types.FrameType, int]], Any, bool
             # (3.13 shows this while the loop thread is mid-step).
             raise _Moved
         c = nxt
-    return chain, None, running, fresh
+    return chain, c, running, fresh
 
 
 def _next_of(c: Any) -> Any:
@@ -376,21 +383,38 @@ def _next_of(c: Any) -> Any:
     return c.ag_await
 
 
+def _mid_step(task: Any) -> bool:
+    """Return True while the task's loop is running a step of it (it is not suspended).
+
+    Its coroutine can look suspended or finished then without being either: between
+    the coroutine returning and the task recording it, for example.
+    """
+    try:
+        return asyncio.current_task(task.get_loop()) is task
+    except RuntimeError:
+        return False
+
+
 def _read_suspended(task: Any) -> _Raw:
+    if _mid_step(task):
+        raise _Moved
     waiter = task._fut_waiter
     coro = task.get_coro()
-    chain, _, running, fresh = _links(coro)
+    chain, leaf, running, fresh = _links(coro)
     if running:
         raise _Moved
     frames = tuple(frame_of(fr) for _, fr, _ in reversed(chain))
     # Read again: the same objects, the same instruction, the same waiter means the
     # chain did not move while it was read (each object is held, so none is recycled).
-    if task._fut_waiter is not waiter or task.done():
+    if task._fut_waiter is not waiter or task.done() or _mid_step(task):
         raise _Moved
     for i, (c, fr, lasti) in enumerate(chain):
         if fr.f_lasti != lasti:
             raise _Moved
-        if i + 1 < len(chain) and _next_of(c) is not chain[i + 1][0]:
+        # The last link too: an awaiter back at the same instruction of a loop awaits a
+        # new object, and a chain read across that step would mix two moments.
+        nxt = chain[i + 1][0] if i + 1 < len(chain) else leaf
+        if _next_of(c) is not nxt:
             raise _Moved
     return _Raw(task, [fr for _, fr, _ in chain], frames, waiter, False, fresh)
 
