@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
+	@echo "pprof at http://127.0.0.1:8000/debug/pprof/ -- try, in another shell:"
+	@echo "  go tool pprof -top 'http://127.0.0.1:8000/debug/pprof/profile?seconds=5'"
 	$(PY) -m uvicorn examples.service:app --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
