@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import goroutine
+from . import goroutine, heap
 from .options import Options
 from .profiles import NamedProfile
 
@@ -14,4 +14,5 @@ def builtin_profiles(options: Options) -> list[NamedProfile]:
     profiles: list[NamedProfile] = []
     # Each collector module adds its profiles here, one line each.
     profiles += goroutine.profiles(options)
+    profiles += heap.profiles(options)
     return profiles
