@@ -35,11 +35,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import anyio
-
 from . import symbols
 from .concurrency import Window, is_own_thread, run_in_thread
-from .model import Frame, ProfileData, Sample, Stack, ValueType, subtract
+from .model import Frame, ProfileData, Sample, Stack, ValueType, function_name, subtract
 from .profiles import NamedProfile, ProfileError
 
 if TYPE_CHECKING:
@@ -172,15 +170,16 @@ class _Symbolizer:
     """Names the functions of tracemalloc frames, which carry only a file and a line.
 
     For each file it finds the module's live code objects (functions, methods, and the
-    nested ones in their ``co_consts``) and maps every line to the innermost code that
-    owns it, so frames get the CPU profile's names: ``module.co_qualname`` and
+    nested ones in their ``co_consts``) and maps every line to the codes that own it,
+    so frames get the CPU profile's names: ``module.co_qualname`` and
     ``co_firstlineno``. Lines no function owns are ``module.<module>``. No source is
     read or compiled: compiling holds the GIL, and a cold server imports hundreds of files.
     """
 
     def __init__(self) -> None:
-        self.files: dict[str, dict[int, tuple[str, int]]] = {}
+        self.files: dict[str, dict[int, list[tuple[str, int]]]] = {}
         self.frames: dict[tuple[str, int], Frame] = {}
+        self.outer: dict[tuple[tuple[str, int], int], Frame] = {}
         self.stacks: dict[_Traceback, Stack] = {}
         self.cells: dict[tuple[str, int], tuple[str, str, str, str]] = {}
         self.modules: dict[str, str] = {}
@@ -198,25 +197,35 @@ class _Symbolizer:
             name = self.modules.setdefault(filename, "")
         return name or None
 
-    def frame(self, fr: tuple[str, int]) -> Frame:
-        """Return the :class:`Frame` of tracemalloc's ``(filename, line)``."""
+    def frame(self, fr: tuple[str, int], depth: int = 0) -> Frame:
+        """Return the :class:`Frame` of tracemalloc's ``(filename, line)``.
+
+        A line can belong to several nested codes (``[f(x) for x in y]``): ``depth`` 0
+        is the innermost, 1 the one around it, and so on.
+        """
         # Keyed by tracemalloc's own tuple: hashing it allocates nothing, and while
         # tracing every allocation of ours is traced (slowly) too.
-        got = self.frames.get(fr)
+        got = self.frames.get(fr) if depth == 0 else self.outer.get((fr, depth))
         if got is not None:
             return got
         filename, line = fr
         with self.lock:
             if len(self.frames) > 200_000:
                 self.frames.clear()
+                self.outer.clear()
                 self.cells.clear()
             module = self._module_of(filename)
             lines = self.files.get(filename)
             if lines is None:
                 lines = self.files[filename] = _line_owners(filename, module)
-            qual, start = lines.get(line, ("<module>", 1))
+            owners = lines.get(line)
+            qual, start = owners[min(depth, len(owners) - 1)] if owners else ("<module>", 1)
             prefix = module or os.path.splitext(os.path.basename(filename))[0] or filename
-            got = self.frames[fr] = Frame(f"{prefix}.{qual}", filename, start, line)
+            got = Frame(f"{prefix}.{qual}", filename, start, line)
+            if depth == 0:
+                self.frames[fr] = got
+            else:
+                self.outer[(fr, depth)] = got
         return got
 
     def stack(self, frames: _Traceback) -> Stack:
@@ -225,30 +234,57 @@ class _Symbolizer:
         if st is None:
             if len(self.stacks) > 100_000:
                 self.stacks.clear()
-            st = self.stacks[frames] = tuple(map(self.frame, frames))
+            st = self.stacks[frames] = tuple(
+                self.frame(fr, depth) for fr, depth in zip(frames, _depths(frames), strict=True)
+            )
         return st
 
-    def text_cells(self, fr: tuple[str, int]) -> tuple[str, str, str, str]:
-        """Return a frame's `` 0x<return pc>`` word and its three text cells, cached."""
-        c = self.cells.get(fr)
-        if c is None:
-            f = self.frame(fr)
-            pc = symbols.address_of(f)
-            c = self.cells[fr] = (
-                f" {pc + 1:#x}",
-                f"{pc:#x}",
-                f"{f.function}+{pc - symbols.entry_of(f):#x}",
-                f"{f.filename}:{f.line}",
-            )
-        return c
+    def text_cells(self, frames: _Traceback) -> list[tuple[str, str, str, str]]:
+        """Return each frame's `` 0x<return pc>`` word and its three text cells (cached)."""
+        out = []
+        for fr, depth in zip(frames, _depths(frames), strict=True):
+            c = self.cells.get(fr) if depth == 0 else None
+            if c is None:
+                f = self.frame(fr, depth)
+                pc = symbols.address_of(f)
+                c = (
+                    f" {pc + 1:#x}",
+                    f"{pc:#x}",
+                    f"{f.function}+{pc - symbols.entry_of(f):#x}",
+                    f"{f.filename}:{f.line}",
+                )
+                if depth == 0:
+                    self.cells[fr] = c
+            out.append(c)
+        return out
 
 
-def _line_owners(filename: str, module: str | None) -> dict[int, tuple[str, int]]:
-    """Return ``{line: (co_qualname, co_firstlineno)}`` for the live code of ``filename``."""
+def _depths(frames: _Traceback) -> list[int]:
+    """Return, per frame, how many frames just below it (leafward) are on the same line.
+
+    A caller on the very line of its callee is the code around it (a comprehension's
+    function, a lambda's definer): that is how a line shared by nested codes is split.
+    """
+    out = []
+    prev: tuple[str, int] | None = None
+    depth = 0
+    for fr in frames:
+        depth = depth + 1 if fr == prev else 0
+        prev = fr
+        out.append(depth)
+    return out
+
+
+def _line_owners(filename: str, module: str | None) -> dict[int, list[tuple[str, int]]]:
+    """Return ``{line: [(co_qualname, co_firstlineno), ...]}``, innermost code first.
+
+    Only the live code of ``filename``'s module is seen: what its namespace, classes and
+    their nested code objects reach. Other lines are module-level code.
+    """
     mod = sys.modules.get(module) if module else None
     if mod is None:
         return {}
-    owners: dict[int, tuple[str, int]] = {}
+    owners: dict[int, list[tuple[str, int]]] = {}
     seen: set[int] = set()
 
     def add_code(code: types.CodeType) -> None:
@@ -256,10 +292,9 @@ def _line_owners(filename: str, module: str | None) -> dict[int, tuple[str, int]
             return
         seen.add(id(code))
         owner = (getattr(code, "co_qualname", code.co_name), code.co_firstlineno)
-        for _, _, line in code.co_lines():
-            if line is not None:
-                owners[line] = owner
-        for const in code.co_consts:  # nested functions, after their parent: inner wins
+        for line in {ln for _, _, ln in code.co_lines() if ln is not None}:
+            owners.setdefault(line, []).insert(0, owner)
+        for const in code.co_consts:  # nested codes after their parent: inner comes first
             if isinstance(const, types.CodeType):
                 add_code(const)
 
@@ -298,6 +333,7 @@ class _Timing:
 
     snapshot_seconds: float = 0.0
     blocks: int = 0
+    thread: str = ""
 
 
 last_snapshot = _Timing()
@@ -318,6 +354,7 @@ def _snapshot_groups() -> dict[_Traceback, list[int]]:
     traces: Sequence[tuple[int, int, _Traceback, int | None]] = _tracemalloc._get_traces()  # type: ignore[assignment]
     last_snapshot.snapshot_seconds = time.perf_counter() - t0
     last_snapshot.blocks = len(traces)
+    last_snapshot.thread = threading.current_thread().name
     groups: dict[_Traceback, list[int]] = {}
     get = groups.get
     for t in traces:
@@ -409,9 +446,14 @@ class _GcSampler:
         """Return ``[gc_collections, gc_pause]`` per triggering stack, cumulative."""
         out = []
         for key, vals in list(self.data.items()):  # list(): atomic copy under the GIL
-            stack = tuple(_symbolizer.frame((code.co_filename, line)) for code, line in key)
+            stack = tuple(self._frame(code, line) for code, line in key)
             out.append(Sample(stack, [vals[0], vals[1]]))
         return out
+
+    def _frame(self, code: types.CodeType, line: int) -> Frame:
+        # Here we have the code object itself: name it exactly as the CPU profile does.
+        module = _symbolizer._module_of(code.co_filename)
+        return Frame(function_name(code, module), code.co_filename, code.co_firstlineno, line)
 
 
 _gc_sampler = _GcSampler()
@@ -465,17 +507,16 @@ def _live_rows() -> list[Row]:
     return rows
 
 
-def _write_record(write: Callable[[str], None], tb: _Traceback) -> None:
+def _write_record(write: Callable[[str], None], cells: list[tuple[str, str, str, str]]) -> None:
     """Write a record's frame lines as ``tabwrite(frame_lines(stack))`` in ``text`` would.
 
     Built from cached cells and written piecewise, allocating nothing per line: a heap
     has tens of thousands of records, and while tracemalloc runs every object we
     allocate is traced too (the generic path took ~50 s for 17k records with 16 frames).
     """
-    if not tb:
+    if not cells:
         write("#\t0x0\n")
         return
-    cells = list(map(_symbolizer.text_cells, tb))
     # Go's tabwriter: a column is as wide as its widest cell plus one, rounded up to 8,
     # and a cell is followed by as many tabs as it takes to reach that width.
     w1 = -(-(max(len(c[1]) for c in cells) + 1) // 8) * 8
@@ -506,10 +547,11 @@ def heap_text(rows: list[Row], facts: list[tuple[str, str]]) -> str:
     write(f"heap profile: {objs}: {size} [{objs}: {size + 1}] @ heap/2\n")
     for n, b, tb in rows:
         write(f"{n}: {b} [{n}: {b}] @")
-        for fr in tb:
-            write(_symbolizer.text_cells(fr)[0])
+        cells = _symbolizer.text_cells(tb)
+        for c in cells:
+            write(c[0])
         write("\n")
-        _write_record(write, tb)
+        _write_record(write, cells)
         write("\n")
     write("\n# Python memory\n")
     for k, v in facts:
@@ -555,9 +597,9 @@ class _TracemallocProfile(NamedProfile):
         With tracing off, traces for just this window: the result is what the window
         allocated that is still live at its end. None if the client left first.
         """
-        # Shielded: once acquired, the window must be released, even on cancellation.
-        with anyio.CancelScope(shield=True):
-            started = await run_in_thread(_tracing.acquire_window, self.window_frames)
+        # Acquire and release on the loop, with no await between them and the try: an
+        # await could be cancelled and leave tracing on. (start/stop hold the GIL anyway.)
+        started = _tracing.acquire_window(self.window_frames)
         try:
             # A window that started tracing has seen nothing yet: its baseline is empty.
             p0 = await self._collect(live=not started)
@@ -568,8 +610,7 @@ class _TracemallocProfile(NamedProfile):
             p1.time_nanos = time.time_ns()
             return await run_in_thread(subtract, p0, p1)
         finally:
-            with anyio.CancelScope(shield=True):
-                await run_in_thread(_tracing.release_window)
+            _tracing.release_window()
 
     def _facts(self) -> list[tuple[str, str]]:
         return memory_facts()
