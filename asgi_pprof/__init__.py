@@ -24,10 +24,18 @@ from __future__ import annotations
 
 from .app import create_app
 from .server import PprofServer, start_server
+from .tasks import track_task_creation
 
 __version__ = "0.1.0"
 
 pprof_app = create_app()
 """A ready pprof app with default options: ``app.mount("/debug/pprof", pprof_app)``."""
 
-__all__ = ["PprofServer", "__version__", "create_app", "pprof_app", "start_server"]
+__all__ = [
+    "PprofServer",
+    "__version__",
+    "create_app",
+    "pprof_app",
+    "start_server",
+    "track_task_creation",
+]
