@@ -9,8 +9,6 @@ Stacks are tuples of :class:`Frame`, **leaf first**, as in profile.proto.
 
 from __future__ import annotations
 
-import os
-import sys
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,12 +16,16 @@ from typing import NamedTuple
 
 __all__ = [
     "Frame",
+    "Labels",
+    "NumLabels",
     "ProfileData",
     "Sample",
     "Stack",
     "ValueType",
     "frame_of",
     "function_name",
+    "labels_of",
+    "stack_of",
     "subtract",
     "walk_stack",
 ]
@@ -201,16 +203,6 @@ def walk_stack(frame: types.FrameType | None, limit: int = 512) -> Iterator[type
 def stack_of(frame: types.FrameType | None, limit: int = 512) -> Stack:
     """Return the :data:`Stack` (leaf first) of a live frame and its callers."""
     return tuple(frame_of(f) for f in walk_stack(frame, limit))
-
-
-def package_dir() -> str:
-    """Return this package's directory, so collectors can hide their own frames."""
-    return os.path.dirname(os.path.abspath(__file__))
-
-
-def stdlib_prefixes() -> tuple[str, ...]:
-    """Return the path prefixes of the standard library (for trimming, never for hiding)."""
-    return tuple({sys.prefix, sys.base_prefix})
 
 
 def labels_of(pairs: Iterable[tuple[str, str]]) -> Labels:

@@ -6,7 +6,6 @@ Pure functions of ProfileData; they run in worker threads.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 
 from . import symbols
 from .model import Labels, ProfileData, Stack
@@ -114,8 +113,3 @@ def count_profile_text(name: str, data: ProfileData, labels: bool = True) -> str
         buf.append(tabwrite("".join(ln + "\n" for ln in frame_lines(stack))))
         buf.append("\n")
     return "".join(buf)
-
-
-def join_lines(lines: Iterable[str]) -> str:
-    """Return ``lines`` each ended by a newline."""
-    return "".join(ln + "\n" for ln in lines)
