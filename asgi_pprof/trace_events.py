@@ -21,11 +21,12 @@ nesting on a track is exact (no float rounding can make a child outlive its pare
 from __future__ import annotations
 
 import bisect
+import heapq
 import json
 import os
 import sys
 import types
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +47,9 @@ __all__ = [
 STEP = 0
 """``(STEP, ident, t0, t1, loop_id, what, task_name)``: one callback or task step ran."""
 SAMPLE = 1
-"""``[SAMPLE, ident, t_first, t_last, codes]``: a thread's stack (leaf first), as seen
-from ``t_first`` to ``t_last``; ``codes == ()`` marks the thread gone."""
+"""``[SAMPLE, ident, t_first, t_last, codes, seq]``: a thread's stack (leaf first), as
+seen from ``t_first`` to ``t_last`` (within one loop step when inside one); ``codes == ()``
+marks the thread gone."""
 GC = 2
 """``(GC, ident, t0, t1, generation, collected, uncollectable)``: one collection."""
 NEW = 3
@@ -133,6 +135,39 @@ class _Names:
         return qual if isinstance(qual, str) else type(what).__qualname__
 
 
+_SORT_CHUNK = 4096
+
+
+def gentle_sorted(items: Iterable[Any], key: Callable[[Any], Any]) -> list[Any]:
+    """Return ``sorted(items, key=key)`` without holding the GIL for long.
+
+    One ``sort`` of a big list runs in C from start to end, and the event loop, waiting
+    for the GIL, stalls that long (about 150 ms for 200 000 events). Small sorts merged
+    in Python let the interpreter switch threads between them.
+    """
+    data = list(items)
+    if len(data) <= _SORT_CHUNK:
+        return sorted(data, key=key)
+    runs = [sorted(data[i : i + _SORT_CHUNK], key=key) for i in range(0, len(data), _SORT_CHUNK)]
+    return list(heapq.merge(*runs, key=key))
+
+
+Timed = tuple[int, int, str]
+"""One timed event: ``(ts, -dur, its JSON)``, so plain tuple order puts parents first.
+
+Events are encoded as soon as they are made: a JSON string is no container the garbage
+collector tracks, where hundreds of thousands of surviving dicts would set off full
+collections (100-200 ms each, with the GIL held) while the trace is written.
+"""
+
+_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
+def timed(event: dict[str, Any]) -> Timed:
+    """Return ``event`` (with ``ts`` and, for slices, ``dur``) as a :data:`Timed`."""
+    return (event["ts"], -event.get("dur", 0), _encode(event))
+
+
 def _us(t_ns: int, start_ns: int) -> int:
     """Return a time as whole microseconds since the capture started (floor, never negative)."""
     return max(0, (t_ns - start_ns) // 1000)
@@ -146,25 +181,27 @@ class _Track:
         self.tid = tid
         self.start_ns = start_ns
         self.names = names
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Timed] = []
         self._open: list[tuple[types.CodeType, int]] = []  # (code, start ns), root first
         self._end = 0
 
-    def slice(self, name: str, t0: int, t1: int, cat: str, args: dict[str, Any]) -> None:
+    def slice(
+        self, name: str, t0: int, t1: int, cat: str, args: dict[str, Any], **extra: str
+    ) -> None:
         """Add one complete slice from ``t0`` to ``t1`` (ns)."""
         ts = _us(t0, self.start_ns)
-        self.events.append(
-            {
-                "ph": "X",
-                "name": name,
-                "cat": cat,
-                "pid": self.pid,
-                "tid": self.tid,
-                "ts": ts,
-                "dur": max(0, _us(t1, self.start_ns) - ts),
-                "args": args,
-            }
-        )
+        event = {
+            "ph": "X",
+            "name": name,
+            "cat": cat,
+            "pid": self.pid,
+            "tid": self.tid,
+            "ts": ts,
+            "dur": max(0, _us(t1, self.start_ns) - ts),
+            "args": args,
+            **extra,
+        }
+        self.events.append(timed(event))
 
     def stack(self, t0: int, t1: int, codes: Sequence[types.CodeType]) -> None:
         """Extend the flame chart with ``codes`` (root first) running from ``t0`` to ``t1``.
@@ -224,7 +261,7 @@ def _thread_tracks(
         native = raw.threads.get(ident, (None, ""))[0]
         track = _Track(pid, native if native is not None else ident, raw.start_ns, names)
         recs = samples.get(ident, [])
-        loop_steps = sorted(steps.get(ident, ()), key=lambda s: (s[2], -s[3]))
+        loop_steps = gentle_sorted(steps.get(ident, ()), key=lambda s: (s[2], -s[3]))
         if loop_steps:
             _loop_track(track, recs, loop_steps, raw, names)
         else:
@@ -253,8 +290,9 @@ def _loop_track(
             continue
         seen0, seen1 = r[2], r[3]
         nxt = recs[i + 1][2] if i + 1 < len(recs) else raw.end_ns
-        # The stack was seen from seen0 to seen1 and may have lasted until the next
-        # sample: give it to each step that ran while it was seen, clipped to the step.
+        # The stack was seen from seen0 to seen1 (the sampler starts a new record when a
+        # step ends) and may have lasted until the next sample: give it to the step that
+        # ran while it was seen, clipped to that step.
         j = max(0, bisect.bisect_right(starts, seen0) - 1)
         while j < len(loop_steps) and loop_steps[j][2] <= seen1:
             s = loop_steps[j]
@@ -271,15 +309,14 @@ def _loop_track(
         if isinstance(what, types.CodeType):
             args["file"], args["line"] = what.co_filename, what.co_firstlineno
         slow_ns = slow.get(loop_id, 100_000_000)
-        cat = "asyncio.step"
+        label = name if task_name is None else f"{task_name} {name}"
         if t1 - t0 >= slow_ns:
-            cat = "asyncio.step,slow"
             # Constant per loop, so viewers that merge slices by name and args still do.
             args["slow"] = f"held the loop >= {slow_ns / 1e6:g} ms (slow_callback_duration)"
-        label = name if task_name is None else f"{task_name} {name}"
-        track.slice(label, t0, t1, cat, args)
-        if t1 - t0 >= slow_ns:
-            track.events[-1]["cname"] = "terrible"  # chrome://tracing's red
+            # cname "terrible": chrome://tracing's red.
+            track.slice(label, t0, t1, "asyncio.step,slow", args, cname="terrible")
+        else:
+            track.slice(label, t0, t1, "asyncio.step", args)
         for lo, hi, inner in pieces.get(j, ()):
             track.stack(lo, hi, inner)
         track.close()
@@ -288,11 +325,11 @@ def _loop_track(
 
 def _task_tracks(
     raw: RawTrace, pid: int, names: _Names, tid_of_loop: dict[int, int]
-) -> list[dict[str, Any]]:
+) -> list[Timed]:
     """Return the instants and counters of task creation and completion, per loop."""
-    out: list[dict[str, Any]] = []
+    out: list[Timed] = []
     alive = {li.loop_id: li.tasks_at_start for li in raw.loops}
-    recs = sorted((r for r in raw.records if r[0] in (NEW, DONE)), key=lambda r: r[2])
+    recs = gentle_sorted((r for r in raw.records if r[0] in (NEW, DONE)), key=lambda r: r[2])
     # A task may be named after its factory ran (3.11/3.12); when it finished during the
     # capture its completion carries the final name: give it to the creation too.
     final: dict[int, str] = {}
@@ -313,36 +350,40 @@ def _task_tracks(
         ts = _us(t, raw.start_ns)
         verb = "created" if kind == NEW else "done"
         out.append(
-            {
-                "ph": "i",
-                "s": "t",
-                "name": f"{verb} {r[4]} {coro}",
-                "cat": f"asyncio.task.{verb}",
-                "pid": pid,
-                "tid": tid,
-                "ts": ts,
-                "args": args,
-            }
+            timed(
+                {
+                    "ph": "i",
+                    "s": "t",
+                    "name": f"{verb} {r[4]} {coro}",
+                    "cat": f"asyncio.task.{verb}",
+                    "pid": pid,
+                    "tid": tid,
+                    "ts": ts,
+                    "args": args,
+                }
+            )
         )
         n = alive.get(loop_id, -1)
         if n >= 0:
             n = max(0, n + (1 if kind == NEW else -1))
             alive[loop_id] = n
             out.append(
-                {
-                    "ph": "C",
-                    "name": f"asyncio tasks (loop {loop_id:#x})",
-                    "cat": "asyncio.task",
-                    "pid": pid,
-                    "tid": tid,
-                    "ts": ts,
-                    "args": {"alive": n},
-                }
+                timed(
+                    {
+                        "ph": "C",
+                        "name": f"asyncio tasks (loop {loop_id:#x})",
+                        "cat": "asyncio.task",
+                        "pid": pid,
+                        "tid": tid,
+                        "ts": ts,
+                        "args": {"alive": n},
+                    }
+                )
             )
     return out
 
 
-def _gc_events(raw: RawTrace, pid: int, tid: int) -> list[dict[str, Any]]:
+def _gc_events(raw: RawTrace, pid: int, tid: int) -> list[Timed]:
     out = []
     for r in raw.records:
         if r[0] != GC:
@@ -350,21 +391,23 @@ def _gc_events(raw: RawTrace, pid: int, tid: int) -> list[dict[str, Any]]:
         _, ident, t0, t1, gen, collected, uncollectable = r
         ts = _us(t0, raw.start_ns)
         out.append(
-            {
-                "ph": "X",
-                "name": f"gc gen{gen}",
-                "cat": "gc",
-                "pid": pid,
-                "tid": tid,
-                "ts": ts,
-                "dur": max(0, _us(t1, raw.start_ns) - ts),
-                "args": {
-                    "generation": gen,
-                    "collected": collected,
-                    "uncollectable": uncollectable,
-                    "thread": raw.threads.get(ident, (None, str(ident)))[1],
-                },
-            }
+            timed(
+                {
+                    "ph": "X",
+                    "name": f"gc gen{gen}",
+                    "cat": "gc",
+                    "pid": pid,
+                    "tid": tid,
+                    "ts": ts,
+                    "dur": max(0, _us(t1, raw.start_ns) - ts),
+                    "args": {
+                        "generation": gen,
+                        "collected": collected,
+                        "uncollectable": uncollectable,
+                        "thread": raw.threads.get(ident, (None, str(ident)))[1],
+                    },
+                }
+            )
         )
     return out
 
@@ -373,20 +416,24 @@ def _meta(pid: int, tid: int, kind: str, args: dict[str, Any]) -> dict[str, Any]
     return {"ph": "M", "name": kind, "pid": pid, "tid": tid, "ts": 0, "args": args}
 
 
-def events(raw: RawTrace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Return ``(traceEvents, otherData)`` of a capture, at most ``max_events`` timed events."""
+def events(raw: RawTrace) -> tuple[list[dict[str, Any]], list[Timed], dict[str, Any]]:
+    """Return ``(metadata events, timed events, otherData)`` of a capture.
+
+    The timed events are in time order, at most ``max_events`` of them (plus the marker
+    that says the trace was cut).
+    """
     pid = os.getpid()
     names = _Names()
     steps: dict[int, list[tuple[Any, ...]]] = {}
     for r in raw.records:
         if r[0] == STEP:
             steps.setdefault(r[1], []).append(r)
-    timed: list[dict[str, Any]] = []
+    evs: list[Timed] = []
     meta: list[dict[str, Any]] = []
     loops_of = {li.ident: li for li in raw.loops}
     tid_of_loop: dict[int, int] = {}
     for order, (ident, track) in enumerate(_thread_tracks(raw, pid, names, steps)):
-        timed.extend(track.events)
+        evs.extend(track.events)
         tname = raw.threads.get(ident, (None, f"thread {ident}"))[1] or f"thread {ident}"
         li = loops_of.get(ident)
         if li is not None:
@@ -396,8 +443,7 @@ def events(raw: RawTrace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         meta.append(_meta(pid, track.tid, "thread_name", {"name": tname}))
         meta.append(_meta(pid, track.tid, "thread_sort_index", {"sort_index": order}))
     gc_tid = _SYNTHETIC_TID
-    gc_events = _gc_events(raw, pid, gc_tid)
-    timed.extend(gc_events)
+    evs.extend(_gc_events(raw, pid, gc_tid))
     meta.append(_meta(pid, gc_tid, "thread_name", {"name": "gc (all threads)"}))
     meta.append(_meta(pid, gc_tid, "thread_sort_index", {"sort_index": 10_000}))
     for n, li in enumerate(raw.loops):
@@ -413,29 +459,28 @@ def events(raw: RawTrace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             )
         )
         meta.append(_meta(pid, tid, "thread_sort_index", {"sort_index": 10_001 + n}))
-    timed.extend(_task_tracks(raw, pid, names, tid_of_loop))
+    evs.extend(_task_tracks(raw, pid, names, tid_of_loop))
 
-    # Parents before children at equal start: sort by start, then longest first.
-    timed.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+    # By start, then longest first: parents before their children.
+    evs = gentle_sorted(evs, key=_start)
     truncated_us = None if raw.truncated_ns is None else _us(raw.truncated_ns, raw.start_ns)
-    if len(timed) > raw.max_events:
+    if len(evs) > raw.max_events:
         # Keep the earliest events: the cut is a single point in time on every track.
-        cut = timed[raw.max_events]["ts"]
-        timed = timed[: raw.max_events]
+        cut = evs[raw.max_events][0]
+        evs = evs[: raw.max_events]
         truncated_us = cut if truncated_us is None else min(truncated_us, cut)
     if truncated_us is not None:
-        timed.append(
-            {
-                "ph": "i",
-                "s": "g",
-                "name": "asgi_pprof: trace truncated (max events reached)",
-                "cat": "asgi_pprof",
-                "pid": pid,
-                "tid": gc_tid,
-                "ts": max(truncated_us, timed[-1]["ts"] if timed else 0),
-                "args": {"max_events": raw.max_events},
-            }
-        )
+        marker = {
+            "ph": "i",
+            "s": "g",
+            "name": "asgi_pprof: trace truncated (max events reached)",
+            "cat": "asgi_pprof",
+            "pid": pid,
+            "tid": gc_tid,
+            "ts": max(truncated_us, evs[-1][0] if evs else 0),
+            "args": {"max_events": raw.max_events},
+        }
+        evs.append(timed(marker))
     argv = " ".join(getattr(sys, "orig_argv", None) or sys.argv)
     meta.insert(0, _meta(pid, 0, "process_name", {"name": f"python {argv}"[:200]}))
     meta.insert(
@@ -457,7 +502,7 @@ def events(raw: RawTrace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         "duration_us": _us(raw.end_ns, raw.start_ns),
         "sample_hz": raw.sample_hz,
         "max_events": raw.max_events,
-        "events": len(timed),
+        "events": len(evs),
         "truncated": truncated_us is not None,
         "truncated_at_us": truncated_us,
         "dropped_records": raw.dropped,
@@ -474,7 +519,11 @@ def events(raw: RawTrace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         ],
         "notes": list(raw.notes),
     }
-    return meta + timed, other
+    return meta, evs, other
+
+
+def _start(e: Timed) -> tuple[int, int]:
+    return (e[0], e[1])
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -483,24 +532,16 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 
 def render(raw: RawTrace) -> bytes:
-    """Return the trace as Chrome Trace Event Format JSON (the JSON Object Format).
-
-    Encoded in small chunks: one ``json.dumps`` of a big list would hold the GIL, and
-    so stall the event loop, for as long as the whole encoding takes.
-    """
-    evs, other = events(raw)
+    """Return the trace as Chrome Trace Event Format JSON (the JSON Object Format)."""
+    meta, evs, other = events(raw)
     parts = [
         b'{"displayTimeUnit":"ms","otherData":',
         json.dumps(other).encode(),
         b',"traceEvents":[',
+        ",".join(_encode(m) for m in meta).encode(),
     ]
-    first = True
-    for chunk in _chunks(evs, 500):
-        body = json.dumps(chunk, separators=(",", ":"))[1:-1]
-        if body:
-            if not first:
-                parts.append(b",")
-            parts.append(body.encode())
-            first = False
+    for chunk in _chunks(evs, 2000):
+        parts.append(b",")
+        parts.append(",".join(e[2] for e in chunk).encode())
     parts.append(b"]}\n")
     return b"".join(parts)

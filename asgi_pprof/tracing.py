@@ -103,6 +103,7 @@ class _Recorder:
         self.limit = options.trace_max_events
         self.hz = options.trace_sample_hz
         self.records: list[Any] = []
+        self.steps_done = 0
         self.truncated_ns: int | None = None
         self.dropped = 0
         self.loops: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
@@ -131,35 +132,40 @@ class _Recorder:
     # --- hooks ------------------------------------------------------------------------
 
     def step(self, handle: asyncio.Handle, t0: int, t1: int) -> None:
-        """Record one loop step (called by :func:`_run_step` in the loop's thread)."""
+        """Record one loop step (called by :func:`_run_step` in the loop's thread).
+
+        The hottest code of a capture (once per step of every loop): kept flat.
+        """
+        self.steps_done += 1  # tells the sampler a step ended (see _sample_once)
+        records = self.records
+        if len(records) >= self.limit:
+            self._full(t0)
+            return
         ident = _get_ident()
-        loop = handle._loop  # type: ignore[attr-defined]
-        loop_id = id(loop)
+        loop_id = id(handle._loop)  # type: ignore[attr-defined]
         if loop_id not in self.loops:
-            self.loops[loop_id] = (loop, ident)
+            self.loops[loop_id] = (handle._loop, ident)  # type: ignore[attr-defined]
         cb = handle._callback  # type: ignore[attr-defined]
         owner = getattr(cb, "__self__", None)
         if isinstance(owner, _TASK_TYPES):
-            owner = cast("asyncio.Task[Any]", owner)
-            name = owner.get_name()
-            code = _code_of(owner.get_coro())
-            if not self._full(t0):
-                self.records.append((STEP, ident, t0, t1, loop_id, code, name))
-            if owner.done() and not self._full(t1):
-                self.records.append(
-                    (DONE, ident, t1, loop_id, name, code, _task_state(owner), id(owner))
-                )
-            return
-        if self._full(t0):
+            task = cast("asyncio.Task[Any]", owner)
+            name = task.get_name()
+            coro = task.get_coro()
+            code = getattr(coro, "cr_code", None) or _code_of(coro)
+            records.append((STEP, ident, t0, t1, loop_id, code, name))
+            if task.done():  # the step that finished it (one record past the limit at most)
+                records.append((DONE, ident, t1, loop_id, name, code, _task_state(task), id(task)))
             return
         while isinstance(cb, functools.partial):
             cb = cb.func
-        fn = getattr(cb, "__func__", None)
-        if fn is None:
-            # A builtin bound method (e.g. Future.set_result): keep its name, not its
-            # object, so the trace does not keep the object alive.
-            fn = cb if owner is None else f"{type(owner).__qualname__}.{cb.__name__}"
-        self.records.append((STEP, ident, t0, t1, loop_id, fn, None))
+        # Keep a code object or a name, never the callback: a record must not keep an
+        # object alive, and a tuple of untracked items leaves the garbage collector's
+        # lists at its first pass (a function would keep it there, making every full
+        # collection during the capture longer).
+        what = getattr(getattr(cb, "__func__", cb), "__code__", None)
+        if what is None:  # a builtin, e.g. Future.set_result
+            what = getattr(cb, "__qualname__", None) or type(cb).__qualname__
+        records.append((STEP, ident, t0, t1, loop_id, what, None))
 
     def on_gc(self, phase: str, info: dict[str, int]) -> None:
         """Record one collection (a ``gc.callbacks`` entry)."""
@@ -250,10 +256,16 @@ class _Recorder:
         skip: set[int] = set()
         refresh_at = 0
         due = _now()
-        while True:
+        stop = self._stop
+        while not stop.is_set():
             now = _now()
             due = max(due + interval_ns, now)  # fixed rate; never a burst to catch up
-            if self._stop.wait((due - now) / 1e9):
+            # time.sleep, not Event.wait: far less Python code (run with the GIL held) per
+            # tick; slices of at most 5 ms so that a stop is seen that soon.
+            while now < due and not stop.is_set():
+                time.sleep(min(due - now, 5_000_000) / 1e9)
+                now = _now()
+            if stop.is_set():
                 break
             if now >= refresh_at:
                 skip = self._refresh_threads() | {me}
@@ -267,6 +279,8 @@ class _Recorder:
         """
         frames = sys._current_frames()
         t = _now()
+        steps_done = self.steps_done
+        step_code = _run_step.__code__
         # Our own frame is in there too, and it holds `frames`: drop it, or every sample
         # leaves a reference cycle for the garbage collector.
         frames.pop(_get_ident(), None)
@@ -281,19 +295,27 @@ class _Recorder:
                 f = f.f_back
             stack = tuple(codes)
             cur = current.get(ident)
-            if cur is not None and cur[4] == stack:
-                cur[3] = t  # the same stack, seen once more
+            # The same stack, seen once more: the same record, unless it is inside a loop
+            # step and a step ended meanwhile (then it is most likely another step that
+            # runs the same code, and each step gets only what was seen during it).
+            if (
+                cur is not None
+                and cur[4] == stack
+                and (cur[5] == steps_done or step_code not in stack)
+            ):
+                cur[3] = t
+                cur[5] = steps_done
                 continue
             if self._full(t):
                 continue
-            cur = [SAMPLE, ident, t, t, stack]
+            cur = [SAMPLE, ident, t, t, stack, steps_done]
             records.append(cur)
             current[ident] = cur
         for ident in [i for i in current if i not in frames]:
             # The thread ended: close its flame chart here.
             del current[ident]
             if not self._full(t):
-                records.append([SAMPLE, ident, t, t, ()])
+                records.append([SAMPLE, ident, t, t, (), steps_done])
         frames.clear()
 
     def _sampler_main(self) -> None:
