@@ -39,6 +39,7 @@ from . import symbols
 from .concurrency import Window, is_own_thread, run_in_thread
 from .model import Frame, ProfileData, Sample, Stack, ValueType, function_name, subtract
 from .profiles import NamedProfile, ProfileError
+from .tasks import gc_deferred  # shared: one owner of the collector's enabled state
 
 if TYPE_CHECKING:
     from .options import Options
@@ -581,8 +582,14 @@ class _TracemallocProfile(NamedProfile):
         if not tracemalloc.is_tracing() or _tracing.only_windows():
             raise ProfileError(403, NOT_TRACING)
 
+    def _build_deferred(self, live: bool) -> ProfileData:
+        # A snapshot makes a tuple per live block: enough to trigger full collections,
+        # which over a heap that big hold the GIL (and stall the loop) for 100s of ms.
+        with gc_deferred():
+            return self._build(live)
+
     async def _collect(self, live: bool = True) -> ProfileData:
-        data = await run_in_thread(self._build, live)
+        data = await run_in_thread(self._build_deferred, live)
         self.records = len(data.samples)
         return data
 
@@ -620,9 +627,10 @@ class _TracemallocProfile(NamedProfile):
         self._check_tracing()
 
         def render() -> str:
-            rows = _live_rows() if tracemalloc.is_tracing() else []
-            self.records = len(rows)
-            return heap_text(rows, self._facts())
+            with gc_deferred():
+                rows = _live_rows() if tracemalloc.is_tracing() else []
+                self.records = len(rows)
+                return heap_text(rows, self._facts())
 
         return await run_in_thread(render)
 
