@@ -566,6 +566,9 @@ def heap_text(rows: list[Row], facts: list[tuple[str, str]]) -> str:
 class _TracemallocProfile(NamedProfile):
     """What heap and allocs share: tracing ownership, the window mode, the text."""
 
+    opens_window = True
+    """Whether ``seconds=N`` turns tracing on for its window when it is off."""
+
     def __init__(self, window_frames: int) -> None:
         self.window_frames = window_frames
         self.records = 0
@@ -601,12 +604,12 @@ class _TracemallocProfile(NamedProfile):
     async def delta(self, seconds: int, window: Window) -> ProfileData | None:
         """Return growth and shrinkage by stack over ``seconds`` (Go's ``<name>-delta``).
 
-        With tracing off, traces for just this window: the result is what the window
-        allocated that is still live at its end. None if the client left first.
+        With tracing off, ``heap`` traces for just this window: the result is what the
+        window allocated that is still live at its end. None if the client left first.
         """
         # Acquire and release on the loop, with no await between them and the try: an
         # await could be cancelled and leave tracing on. (start/stop hold the GIL anyway.)
-        started = _tracing.acquire_window(self.window_frames)
+        started = self.opens_window and _tracing.acquire_window(self.window_frames)
         try:
             # A window that started tracing has seen nothing yet: its baseline is empty.
             p0 = await self._collect(live=not started)
@@ -617,7 +620,8 @@ class _TracemallocProfile(NamedProfile):
             p1.time_nanos = time.time_ns()
             return await run_in_thread(subtract, p0, p1)
         finally:
-            _tracing.release_window()
+            if self.opens_window:
+                _tracing.release_window()
 
     def _facts(self) -> list[tuple[str, str]]:
         return memory_facts()
@@ -653,6 +657,9 @@ class AllocsProfile(_TracemallocProfile):
 
     name = "allocs"
     description = "A sampling of all past memory allocations"
+    # Scrapers fetch allocs every few seconds (Alloy's memory profile): a window there
+    # would keep tracemalloc, and its cost, on nearly all the time. Only heap opens one.
+    opens_window = False
 
     def _check_tracing(self) -> None:
         # allocs always has the GC samples to show; the live columns come with tracing.

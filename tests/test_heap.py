@@ -402,21 +402,41 @@ async def test_allocs_samples_where_gc_tracked_objects_pile_up(client: httpx.Asy
     assert int(m.group(1)) >= through(data, "pile_up_containers", 0)
 
 
-async def test_allocs_delta_counts_the_window(client: httpx.AsyncClient) -> None:
+async def test_allocs_delta_counts_the_window_without_tracing(client: httpx.AsyncClient) -> None:
     sink: list[list[int]] = []
     stop = asyncio.Event()
     piler = asyncio.create_task(pile_up_during_window(sink, stop))
-    r = await client.get(ALLOCS + "?seconds=1")
+    states = []
+
+    async def look() -> None:
+        await asyncio.sleep(0.5)
+        states.append(heap.tracing_state())
+
+    _, r = await asyncio.gather(look(), client.get(ALLOCS + "?seconds=1"))
     stop.set()
     await piler
     assert r.status_code == 200, r.text
     assert r.headers["content-disposition"] == 'attachment; filename="allocs-delta"'
     data = builder.decode(r.content)
     assert through(data, "pile_up_during_window", 0) > 0
-    # Tracing was off: the window traced itself and saw the lists it kept.
-    assert through(data, "pile_up_during_window", 3) > 1 * MB
-    assert not tracemalloc.is_tracing()
+    # Scrapers poll allocs: it never turns tracing on, so there is no live column here.
+    assert states == ["off"]
+    assert data.totals()[2:] == [0, 0]
     assert (await client.get(ALLOCS + "?seconds=1&debug=1")).status_code == 400
+
+
+async def test_allocs_delta_with_tracing_shows_live_growth(
+    client: httpx.AsyncClient, tracing: None
+) -> None:
+    sink: list[list[int]] = []
+    stop = asyncio.Event()
+    piler = asyncio.create_task(pile_up_during_window(sink, stop))
+    r = await client.get(ALLOCS + "?seconds=1")
+    stop.set()
+    await piler
+    data = builder.decode(r.content)
+    assert through(data, "pile_up_during_window", 0) > 0
+    assert through(data, "pile_up_during_window", 3) > 1 * MB
 
 
 async def test_allocs_with_tracing_defaults_to_live_space(
