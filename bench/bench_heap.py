@@ -142,6 +142,7 @@ async def big_heaps() -> None:
             try:
                 blocks = live_blocks(n)
                 traced = tracemalloc.get_traced_memory()[0]
+                overhead = tracemalloc.get_tracemalloc_memory()
                 for path in ("heap", "heap?debug=1", "allocs"):
                     runs = []
                     for _ in range(2):
@@ -154,6 +155,10 @@ async def big_heaps() -> None:
                         f"snapshot held the GIL {snap * 1e3:6.1f} ms, largest loop lag "
                         f"{lag * 1e3:6.1f} ms, body {size / 1e6:6.2f} MB"
                     )
+                print(
+                    f"  {n:>9,} blocks: tracemalloc's own memory {overhead / 1e6:.0f} MB "
+                    f"({overhead / n:.0f} B per block)"
+                )
                 del blocks
             finally:
                 tracemalloc.stop()
