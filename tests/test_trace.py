@@ -230,7 +230,7 @@ async def test_trace_shows_steps_flame_chart_gc_and_tasks(client: httpx.AsyncCli
     spins = slices(events, "test_trace.trace_test_thread_spins")
     assert spins
     assert all(s["tid"] == spin_tid for s in spins)
-    assert max(s["dur"] for s in spins) >= 150_000, [(s["ts"], s["dur"]) for s in spins]
+    assert max(s["dur"] for s in spins) >= 120_000, [(s["ts"], s["dur"]) for s in spins]
 
     # gc.collect(): a gen-2 slice that collected our 1000 objects, on the gc track.
     collections = [e for e in events if e.get("cat") == "gc"]
