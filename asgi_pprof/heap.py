@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import abc
 import gc
+import inspect
 import os
-import resource
 import sys
 import threading
 import time
@@ -92,10 +92,17 @@ class _Tracing:
                 if self.owned:
                     self.windows += 1
                 return False
+            self.forget_if_stopped()
             tracemalloc.start(frames)
             self.owned = True
             self.windows += 1
             return True
+
+    def forget_if_stopped(self) -> None:
+        """Drop our claim on tracing someone stopped under us (call with the lock held)."""
+        if self.owned and not tracemalloc.is_tracing():
+            # Windows still open keep their count: each releases once, as always.
+            self.owned = self.persistent = False
 
     def release_window(self) -> None:
         """End one window; stop tracing if it was ours and nobody else wants it."""
@@ -134,6 +141,7 @@ def start_tracing(frames: int = DEFAULT_FRAMES) -> bool:
             if _tracing.owned:
                 _tracing.persistent = True
             return False
+        _tracing.forget_if_stopped()
         tracemalloc.start(frames)
         _tracing.owned = _tracing.persistent = True
         return True
@@ -300,22 +308,28 @@ def _line_owners(filename: str, module: str | None) -> dict[int, list[tuple[str,
                 add_code(const)
 
     def add(obj: object, depth: int) -> None:
+        # Only known types, read statically: a getattr on an arbitrary object runs its
+        # __getattr__ (pytest's mark generator, lazy proxies), and a profiler must not.
         if depth > 8 or id(obj) in seen:
             return
         if isinstance(obj, type):
-            if getattr(obj, "__module__", None) != module:
+            attrs = obj.__dict__
+            if attrs.get("__module__") != module:
                 return
             seen.add(id(obj))
-            for v in list(vars(obj).values()):
+            inner: list[object] = list(attrs.values())
+        elif isinstance(obj, types.FunctionType):
+            add_code(obj.__code__)
+            inner = [obj.__dict__.get("__wrapped__")]
+        elif isinstance(obj, staticmethod | classmethod | types.MethodType):
+            inner = [obj.__func__]
+        elif isinstance(obj, property):
+            inner = [obj.fget, obj.fset, obj.fdel]
+        else:  # e.g. functools.lru_cache and other wrappers
+            inner = [inspect.getattr_static(obj, "__wrapped__", None)]
+        for v in inner:
+            if v is not None:
                 add(v, depth + 1)
-            return
-        for attr in ("__func__", "__wrapped__", "fget", "fset", "fdel"):
-            inner = getattr(obj, attr, None) if not isinstance(obj, types.ModuleType) else None
-            if inner is not None:
-                add(inner, depth + 1)
-        code = getattr(obj, "__code__", None)
-        if isinstance(code, types.CodeType):
-            add_code(code)
 
     for v in list(vars(mod).values()):
         add(v, 0)
@@ -463,6 +477,15 @@ _gc_sampler = _GcSampler()
 # --- Go's heap text ---------------------------------------------------------------------------
 
 
+def _max_rss() -> int:
+    try:
+        import resource  # not on Windows
+    except ImportError:  # pragma: no cover - platform dependent
+        return 0
+    # Linux reports KiB (as Go's MaxRSS does, we print bytes).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _rss() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -490,12 +513,17 @@ def memory_facts() -> list[tuple[str, str]]:
         ("gc.enabled", str(gc.isenabled()).lower()),
         ("sys.allocated_blocks", str(sys.getallocatedblocks())),
         ("RSS", str(_rss())),
-        ("MaxRSS", str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)),
+        ("MaxRSS", str(_max_rss())),
     ]
     return facts
 
 
-_TABS = ["\t" * i for i in range(256)]
+_TABS = ["\t" * i for i in range(64)]
+
+
+def _tabs(n: int) -> str:
+    return _TABS[n] if n < 64 else "\t" * n
+
 
 Row = tuple[int, int, _Traceback]
 """One heap text record: ``(inuse_objects, inuse_space, traceback)``."""
@@ -525,9 +553,9 @@ def _write_record(write: Callable[[str], None], cells: list[tuple[str, str, str,
     for _, pc, fn, loc in cells:
         write("#\t")
         write(pc)
-        write(_TABS[-(-(w1 - len(pc)) // 8)])
+        write(_tabs(-(-(w1 - len(pc)) // 8)))
         write(fn)
-        write(_TABS[-(-(w2 - len(fn)) // 8)])
+        write(_tabs(-(-(w2 - len(fn)) // 8)))
         write(loc)
         write("\n")
 
