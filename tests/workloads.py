@@ -20,12 +20,15 @@ def spin_cpu(seconds: float) -> None:
         pass
 
 
+# ~3 ms and ~1 ms, 3:1; 3.6 ms of CPU a cycle, deliberately not a multiple of the kernel's
+# 4 ms tick, which CPU-time sampling (ours and Go's) reads in: a workload whose CPU period
+# is a multiple of the tick is sampled at the same phase every time (aliasing).
 def alpha_burst() -> None:
-    spin_cpu(0.003)
+    spin_cpu(0.0027)
 
 
 def beta_burst() -> None:
-    spin_cpu(0.001)
+    spin_cpu(0.0009)
 
 
 def short_bursts_forever(stop: threading.Event) -> None:
