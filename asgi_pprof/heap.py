@@ -434,6 +434,13 @@ class _GcSampler:
                 self.installed = False
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
+        try:
+            self._record(phase)
+        except Exception:  # pragma: no cover - e.g. at interpreter shutdown
+            # Never let a profiler's error surface in whatever code triggered a collection.
+            self._current = None
+
+    def _record(self, phase: str) -> None:
         if phase == "start":
             if is_own_thread(threading.current_thread().name):
                 self._current = None
