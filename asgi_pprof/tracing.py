@@ -57,6 +57,11 @@ _original_run: Callable[[asyncio.Handle], None] | None = None
 _TASK_TYPES: tuple[type, ...] = tuple(
     t for t in (asyncio.Task, getattr(asyncio.tasks, "_PyTask", None)) if isinstance(t, type)
 )
+_FACTORY_RENAMES = (3, 13, 0) <= sys.version_info[:3] < (3, 13, 3)
+"""On 3.13.0-3.13.2 ``BaseEventLoop.create_task`` calls ``task.set_name(name)`` after any
+custom task factory, even when no name was given: the task becomes ``"None"`` (CPython
+gh-130033). Our factory puts the name back before the task's first step runs."""
+
 _UVLOOP_NOTE = (
     "loop {type} does not run asyncio.Handle callbacks (uvloop runs its own): its steps "
     "are not shown; its thread's stack samples, task creation and completion, and GC are."
@@ -76,6 +81,8 @@ def _run_step(self: asyncio.Handle) -> None:
     if rec is None:
         run(self)
         return
+    if rec.renamed:
+        rec.unrename(self)
     t0 = _now()
     try:
         run(self)
@@ -104,6 +111,7 @@ class _Recorder:
         self.hz = options.trace_sample_hz
         self.records: list[Any] = []
         self.steps_done = 0
+        self.renamed: dict[asyncio.Task[Any], str] = {}
         self.truncated_ns: int | None = None
         self.dropped = 0
         self.loops: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
@@ -200,6 +208,8 @@ class _Recorder:
             task = cast("asyncio.Task[Any]", prev(loop, coro, **kwargs))
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
+        if _FACTORY_RENAMES and "name" not in kwargs and isinstance(loop, asyncio.BaseEventLoop):
+            self.renamed[task] = task.get_name()
         t = _now()
         if not self._full(t):
             code = _code_of(coro)
@@ -214,6 +224,15 @@ class _Recorder:
                 task.add_done_callback(self._on_done)
                 self._watched.add(task)
         return task
+
+    def unrename(self, handle: asyncio.Handle) -> None:
+        """Give back the name 3.13.0-3.13.2 took from a task, before its first step runs."""
+        owner = getattr(handle._callback, "__self__", None)  # type: ignore[attr-defined]
+        if isinstance(owner, _TASK_TYPES):  # (a callback's owner may not even be hashable)
+            task = cast("asyncio.Task[Any]", owner)
+            name = self.renamed.pop(task, None)
+            if name is not None and task.get_name() == "None":
+                task.set_name(name)
 
     def _on_done(self, task: asyncio.Future[Any]) -> None:
         if _active is not self:
@@ -367,6 +386,10 @@ class _Recorder:
                 # It wakes at once (the event is set) and finishes at most one sample.
                 self._sampler.join(5)
                 self._sampler = None
+        for task, name in self.renamed.items():  # created, never stepped during the window
+            if task.get_name() == "None":
+                task.set_name(name)
+        self.renamed = {}
         self._refresh_threads()
         for r in self.records:
             if r[0] == NEW:

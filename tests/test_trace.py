@@ -464,6 +464,38 @@ async def test_trace_leaves_process_as_before(client: httpx.AsyncClient) -> None
         loop.set_task_factory(None)
 
 
+async def test_unnamed_tasks_keep_their_names() -> None:
+    """Our task factory must not rename tasks (3.13.0-3.13.2 set "None" after any factory)."""
+    seen: dict[str, str] = {}
+    inside: list[str] = []
+
+    async def child() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        inside.append(task.get_name())
+
+    async def work() -> None:
+        await asyncio.sleep(0.02)
+        t = asyncio.create_task(child())
+        seen["created"] = t.get_name()
+        await t
+        seen["after"] = t.get_name()
+        # Created at the very end: named back when the capture stops, without a step.
+        last.append(asyncio.create_task(child()))
+
+    last: list[asyncio.Task[None]] = []
+    w = asyncio.create_task(work())
+    await tracing.capture(0.1, SleepWindow(), Options())
+    await w
+    await last[0]
+    assert re.fullmatch(r"Task-\d+", inside[0]), inside
+    assert seen["after"] == inside[0]
+    assert re.fullmatch(r"Task-\d+", inside[1]), inside
+    assert last[0].get_name() == inside[1]
+    if not tracing._FACTORY_RENAMES:  # there it is "None" until the task's first step
+        assert seen["created"] == inside[0]
+
+
 async def test_disconnect_ends_capture_and_cleans_up() -> None:
     """A client that leaves mid-trace: the capture ends at once and leaves nothing."""
     before = hooks()
