@@ -208,6 +208,10 @@ class _Recorder:
             task = cast("asyncio.Task[Any]", prev(loop, coro, **kwargs))
         else:
             task = asyncio.Task(coro, loop=loop, **kwargs)
+        if _active is not self:
+            # Someone set a factory over ours during the capture and still calls ours:
+            # after it, we only pass tasks through (and keep nothing).
+            return task
         if _FACTORY_RENAMES and "name" not in kwargs and isinstance(loop, asyncio.BaseEventLoop):
             self.renamed[task] = task.get_name()
         t = _now()
@@ -378,7 +382,6 @@ class _Recorder:
                 gc.callbacks.remove(self.on_gc)
             if self.loop.get_task_factory() == self.task_factory:
                 self.loop.set_task_factory(self._prev_factory)
-            self._prev_factory = None
             for task in list(self._watched):
                 task.remove_done_callback(self._on_done)
             self._watched = weakref.WeakSet()

@@ -314,6 +314,9 @@ async def test_trace_loads_in_speedscope(client: httpx.AsyncClient, tmp_path: Pa
     async def work() -> None:
         await asyncio.sleep(0.05)
         trace_test_blocks_the_loop(0.12)
+        # More work in the same step: speedscope gives a slice that ends with its parent
+        # no self time, and its sandwich view lists functions by self time.
+        trace_test_thread_spins(0.03)
 
     r = await traced(client, "seconds=0.3", work)
     assert r.status_code == 200
@@ -326,7 +329,8 @@ async def test_trace_loads_in_speedscope(client: httpx.AsyncClient, tmp_path: Pa
     # (speedscope shows a slice's args after its name.)
     rows = re.findall(r"<tr[^>]*>((?:(?!</tr>).)*)</tr>", dom, re.S)
     row = next((r for r in rows if "test_trace.trace_test_blocks_the_loop {" in r), None)
-    assert row, "speedscope did not list the blocking function"
+    shown = [re.sub(r"<[^>]+>", " ", r)[-160:] for r in rows]
+    assert row, f"speedscope did not list the blocking function; it listed: {shown}"
     total = re.search(r">([\d.]+)ms \(", row)
     assert total, row
     assert 100 <= float(total.group(1)) <= 200, row
@@ -494,6 +498,36 @@ async def test_unnamed_tasks_keep_their_names() -> None:
     assert last[0].get_name() == inside[1]
     if not tracing._FACTORY_RENAMES:  # there it is "None" until the task's first step
         assert seen["created"] == inside[0]
+
+
+async def test_factory_set_over_ours_keeps_working_after_the_trace() -> None:
+    """A factory installed during a trace that chains to ours: ours passes tasks through."""
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+
+    async def work() -> None:
+        await asyncio.sleep(0.02)
+        ours = loop.get_task_factory()
+        assert ours is not None
+
+        def theirs(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> Any:
+            made.append("theirs")
+            return ours(loop, coro, **kw)
+
+        loop.set_task_factory(theirs)
+
+    try:
+        w = asyncio.create_task(work())
+        body = await tracing.capture(0.1, SleepWindow(), Options())
+        await w
+        assert loop.get_task_factory() is not None  # theirs stays: not ours to remove
+        n = len(json.loads(body)["traceEvents"])
+        assert await asyncio.create_task(trace_test_short_task(7)) == 7
+        assert made == ["theirs"]
+        assert not tracing.is_capturing()
+        assert len(json.loads(body)["traceEvents"]) == n
+    finally:
+        loop.set_task_factory(None)
 
 
 async def test_disconnect_ends_capture_and_cleans_up() -> None:
