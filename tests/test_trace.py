@@ -292,6 +292,7 @@ def speedscope_dom(trace: bytes, tmp: Path, view: str) -> str:
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            "--disable-dev-shm-usage",
             "--enable-unsafe-swiftshader",
             f"--user-data-dir={tmp / 'chromium'}",
             "--window-size=1600,4000",
