@@ -163,12 +163,28 @@ def _skip_dirs() -> tuple[str, ...]:
 _skip = _skip_dirs()
 
 
+_FACTORY_RENAMES = (3, 13, 0) <= sys.version_info[:3] < (3, 13, 3)
+"""3.13.0-3.13.2 call ``task.set_name(name)`` after any custom task factory, even when no
+name was given, so every unnamed task would be called "None" (CPython gh-130033)."""
+
+
+class _UnrenamedTask(asyncio.Task):  # type: ignore[type-arg]
+    """A Task that ignores the ``set_name(None)`` of 3.13.0-3.13.2 (gh-130033)."""
+
+    def set_name(self, value: object) -> None:
+        if value is not None:
+            super().set_name(value)
+
+
+_task_type: type[asyncio.Task[Any]] = _UnrenamedTask if _FACTORY_RENAMES else asyncio.Task
+
+
 def _factory_for(loop: asyncio.AbstractEventLoop, previous: Any) -> Any:
     def task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
         if previous is not None:
             task = previous(loop, coro, **kwargs)
         else:
-            task = asyncio.Task(coro, loop=loop, **kwargs)
+            task = _task_type(coro, loop=loop, **kwargs)
         f: types.FrameType | None = sys._getframe(1)
         while f is not None and f.f_code.co_filename.startswith(_skip):
             f = f.f_back

@@ -235,6 +235,18 @@ async def test_dump_names_who_created_each_task_when_tracking() -> None:
     assert f"created by tests.test_goroutine.gtest_groups in task {ids['gtest-group']}" in child
 
 
+async def test_tracking_keeps_the_names_of_unnamed_tasks() -> None:
+    # 3.13.0-3.13.2 rename every task made through a custom factory "None" (gh-130033).
+    transport = httpx.ASGITransport(app=mounted(track_task_creation=True))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        await c.get("/debug/pprof/goroutine?debug=1")  # installs tracking on this loop
+        unnamed = asyncio.create_task(asyncio.sleep(0))
+        named = asyncio.create_task(asyncio.sleep(0), name="given")
+        await asyncio.gather(unnamed, named)
+    assert unnamed.get_name().startswith("Task-")
+    assert named.get_name() == "given"
+
+
 # --- debug=1 and debug=0 ---------------------------------------------------------------------
 
 
