@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -56,6 +56,19 @@ def thread_ms(data: ProfileData, thread: str) -> float:
 
 
 @pytest.fixture
+async def dense() -> AsyncIterator[httpx.AsyncClient]:
+    """A client whose app samples at 250 Hz: one sample per 4 ms kernel tick of CPU.
+
+    Accuracy tests need it: CPU timers advance at kernel ticks (4 ms here), and at the
+    default 100 Hz a 1 ms function gets ~65 samples in 4 s, so its share carries +-12 %
+    of pure sampling noise (not bias). 250 Hz samples every tick a thread runs.
+    """
+    transport = httpx.ASGITransport(app=mounted(sample_hz=250))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+@pytest.fixture
 def stop() -> Iterator[threading.Event]:
     ev = threading.Event()
     yield ev
@@ -91,7 +104,7 @@ async def test_profile_shape(client: httpx.AsyncClient, stop: threading.Event) -
 
 
 async def test_two_threads_at_a_known_ratio(
-    client: httpx.AsyncClient, stop: threading.Event
+    dense: httpx.AsyncClient, stop: threading.Event
 ) -> None:
     truth: dict[str, float] = {}
     threads = [
@@ -100,7 +113,7 @@ async def test_two_threads_at_a_known_ratio(
     ]
     for t in threads:
         t.start()
-    data = await fetch_profile(client, 3)
+    data = await fetch_profile(dense, 4)
     stop.set()
     for t in threads:
         t.join()
@@ -112,7 +125,7 @@ async def test_two_threads_at_a_known_ratio(
     assert three / 1e3 == pytest.approx(truth["three_parts_worker"], rel=0.15)
 
 
-async def test_event_loop_short_bursts_split_3_to_1(client: httpx.AsyncClient) -> None:
+async def test_event_loop_short_bursts_split_3_to_1(dense: httpx.AsyncClient) -> None:
     """The loop thread (main) alternates 3 ms alpha, 1 ms beta, a 2 ms sleep."""
     assert threading.current_thread() is threading.main_thread()
     done = False
@@ -125,7 +138,7 @@ async def test_event_loop_short_bursts_split_3_to_1(client: httpx.AsyncClient) -
 
     task = asyncio.create_task(bursts())
     try:
-        data = await fetch_profile(client, 4)
+        data = await fetch_profile(dense, 10)
     finally:
         done = True
         await task
@@ -139,12 +152,12 @@ async def test_event_loop_short_bursts_split_3_to_1(client: httpx.AsyncClient) -
 
 
 async def test_short_bursts_on_another_thread(
-    client: httpx.AsyncClient, stop: threading.Event
+    dense: httpx.AsyncClient, stop: threading.Event
 ) -> None:
     """The hardest case: bursts shorter than a jiffy on a thread the sampler must reach."""
     t = threading.Thread(target=workloads.short_bursts_forever, args=(stop,), name="bursty")
     t.start()
-    data = await fetch_profile(client, 3)
+    data = await fetch_profile(dense, 10)
     stop.set()
     t.join()
     alpha, beta = cpu_ms(data, "alpha_burst", "bursty"), cpu_ms(data, "beta_burst", "bursty")
