@@ -27,7 +27,7 @@ types: $(STAMP)
 	$(PY) -m mypy asgi_pprof
 
 pytest: $(STAMP)
-	$(PY) -m pytest --cov=asgi_pprof --cov-report=term --cov-fail-under=80 $(PYTEST_ARGS)
+	$(PY) -m pytest --cov=asgi_pprof --cov-report=term --cov-fail-under=90 $(PYTEST_ARGS)
 
 test: lint types pytest
 

@@ -23,6 +23,7 @@ threads), ``threadcreate``, ``heap`` and ``allocs`` (tracemalloc), with ``debug=
 from __future__ import annotations
 
 from .app import create_app
+from .heap import start_tracing, stop_tracing
 from .server import PprofServer, start_server
 from .tasks import track_task_creation
 
@@ -37,5 +38,7 @@ __all__ = [
     "create_app",
     "pprof_app",
     "start_server",
+    "start_tracing",
+    "stop_tracing",
     "track_task_creation",
 ]

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from . import tasks, threads
-from .concurrency import run_in_thread
+from .concurrency import gc_deferred, run_in_thread
 from .model import Frame, ProfileData, Sample, ValueType, labels_of
 from .options import Options
 from .profiles import NamedProfile
@@ -172,11 +172,11 @@ class GoroutineProfile(NamedProfile):
         return tasks.count()
 
     def _profile(self) -> ProfileData:
-        with tasks.gc_deferred():
+        with gc_deferred():
             return to_profile(tasks.snapshot(self.track_creation))
 
     def _text(self, debug: int) -> str:
-        with tasks.gc_deferred():
+        with gc_deferred():
             records = tasks.snapshot(self.track_creation)
             if debug >= 2:
                 return dump(records)

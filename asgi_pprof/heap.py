@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import symbols
-from .concurrency import Window, is_own_thread, run_in_thread
+from .concurrency import Window, gc_deferred, is_own_thread, run_in_thread
 from .model import Frame, ProfileData, Sample, Stack, ValueType, function_name, subtract
 from .profiles import NamedProfile, ProfileError
-from .tasks import gc_deferred  # shared: one owner of the collector's enabled state
 
 if TYPE_CHECKING:
     from .options import Options

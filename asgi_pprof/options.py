@@ -42,7 +42,8 @@ class Options:
     """Record where each asyncio task was created (a task factory on the loop)."""
 
     tracemalloc_frames: int = 0
-    """Start tracemalloc with this many frames when the app starts; 0 leaves it alone."""
+    """Start tracemalloc with this many frames when ``create_app`` makes the app (a mounted
+    app gets no lifespan events); 0 leaves it alone."""
 
     heap_window_frames: int = 16
     """Frames traced by ``heap?seconds=N`` when tracemalloc is off (window mode)."""

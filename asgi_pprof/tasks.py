@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import sys
 import threading
 import time
 import types
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import concurrency
 from .model import Frame, Stack, frame_of, function_name, stack_of
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "Link",
     "StackRecord",
     "count",
-    "gc_deferred",
     "note_loop",
     "snapshot",
     "track_task_creation",
@@ -613,34 +612,6 @@ def _thread_records(frames: dict[int, types.FrameType]) -> list[StackRecord]:
 
 # --- the snapshot ---------------------------------------------------------------------
 
-_gc_lock = threading.Lock()
-_gc_holders = 0
-_gc_was_enabled = False
-
-
-@contextlib.contextmanager
-def gc_deferred() -> Iterator[None]:
-    """Hold off automatic garbage collection while a snapshot is read.
-
-    Reading 10 000 tasks allocates enough to trigger full collections, and a full
-    collection over a heap of that many tasks holds the GIL for 100+ ms: the loop
-    would stall behind it. Collections are only deferred, never skipped: the state
-    the collector found is restored when the last concurrent snapshot ends.
-    """
-    global _gc_holders, _gc_was_enabled
-    with _gc_lock:
-        if _gc_holders == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_holders += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_holders -= 1
-            if _gc_holders == 0 and _gc_was_enabled:
-                gc.enable()
-
 
 def snapshot(track_creation: bool = False) -> list[StackRecord]:
     """Return every live task of every running loop and every thread, each once.
@@ -649,7 +620,7 @@ def snapshot(track_creation: bool = False) -> list[StackRecord]:
     ``track_creation``, loops seen here get the creation-tracking factory too (each
     from its own thread), so tasks they create from now on have a creation site.
     """
-    with gc_deferred():
+    with concurrency.gc_deferred():
         return _snapshot(track_creation)
 
 

@@ -34,6 +34,8 @@ app = Starlette(
     routes=[
         Route("/items", items),
         Route("/hello", hello),
-        Mount("/debug/pprof", app=create_app(tracemalloc_frames=_frames, trace_sample_hz=_trace_hz)),
+        Mount(
+            "/debug/pprof", app=create_app(tracemalloc_frames=_frames, trace_sample_hz=_trace_hz)
+        ),
     ]
 )

@@ -17,6 +17,8 @@ def test_public_surface_does_not_change_by_accident() -> None:
         "create_app",
         "pprof_app",
         "start_server",
+        "start_tracing",
+        "stop_tracing",
         "track_task_creation",
     ]
     assert isinstance(asgi_pprof.pprof_app, Starlette)
