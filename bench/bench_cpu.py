@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asgi_pprof import create_app
 from asgi_pprof.sampler import get_sampler, sample_stack
-from bench.common import RefServer, ab_rounds, during, measure, med, report
+from bench.common import LagMonitor, RefServer, ab_rounds, during, measure, med, report
 
 ROUND_S = 4.0
 ROUNDS = 6
@@ -95,28 +95,15 @@ def burn(stop: threading.Event) -> None:
 
 
 async def _lag(capture: bool) -> float:
-    app = create_app()
-    transport = httpx.ASGITransport(app=app)
-    worst = 0.0
-    running = True
-
-    async def ticker() -> None:
-        nonlocal worst
-        while running:
-            t0 = time.perf_counter()
-            await asyncio.sleep(0.002)
-            worst = max(worst, time.perf_counter() - t0 - 0.002)
-
-    tick = asyncio.create_task(ticker())
+    transport = httpx.ASGITransport(app=create_app())
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-        if capture:
-            r = await c.get("/profile?seconds=3", timeout=60)
-            assert r.status_code == 200
-        else:
-            await asyncio.sleep(3)
-    running = False
-    await tick
-    return worst
+        with LagMonitor(0.002) as lag:
+            if capture:
+                r = await c.get("/profile?seconds=3", timeout=60)
+                assert r.status_code == 200
+            else:
+                await asyncio.sleep(3)
+    return lag.worst
 
 
 def loop_lag() -> None:

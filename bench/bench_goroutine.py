@@ -11,13 +11,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import httpx
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from asgi_pprof import create_app, tasks
+from bench.common import LagMonitor
 
 REPEATS = 5
 TRACK_TASKS = 20_000
@@ -43,28 +47,6 @@ async def bench_gather() -> None:
 def spread(xs: list[float]) -> str:
     """Return ``median [min-max]`` in milliseconds."""
     return f"{statistics.median(xs) * 1e3:7.1f} ms [{min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f}]"
-
-
-class LagMonitor:
-    """Measures how late a 1 ms timer fires on the loop: the loop's worst stall."""
-
-    def __init__(self) -> None:
-        self.worst = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            t = time.perf_counter()
-            await asyncio.sleep(0.001)
-            self.worst = max(self.worst, time.perf_counter() - t - 0.001)
-
-    def __enter__(self) -> LagMonitor:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 async def serve(n: int) -> list[str]:

@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from asgi_pprof import create_app, heap
-from bench.common import RefServer, ab_rounds, measure, med, report
+from bench.common import LagMonitor, RefServer, ab_rounds, measure, med, report
 
 ROUND_S = 2.0
 ROUNDS = 3
@@ -104,25 +104,13 @@ def live_blocks(total: int, stacks: int = 1024) -> list[list[bytes]]:
 
 async def _serve_with_lag(client: httpx.AsyncClient, url: str) -> tuple[float, float, int]:
     """Return (seconds to serve, largest loop lag in s, body bytes) for one GET."""
-    lag = 0.0
-    done = False
-
-    async def ticker() -> None:
-        nonlocal lag
-        while not done:
-            t = time.perf_counter()
-            await asyncio.sleep(0.001)
-            lag = max(lag, time.perf_counter() - t - 0.001)
-
-    tick = asyncio.create_task(ticker())
-    await asyncio.sleep(0.01)
-    t0 = time.perf_counter()
-    r = await client.get(url)
-    took = time.perf_counter() - t0
-    done = True
-    await tick
+    with LagMonitor() as lag:
+        await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        r = await client.get(url)
+        took = time.perf_counter() - t0
     assert r.status_code == 200, r.text
-    return took, lag, len(r.content)
+    return took, lag.worst, len(r.content)
 
 
 async def big_heaps() -> None:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from asgi_pprof import tracing
 from asgi_pprof.concurrency import SleepWindow
 from asgi_pprof.options import Options
-from bench.common import RefServer, ab_rounds, during, measure, med, report
+from bench.common import LagMonitor, RefServer, ab_rounds, during, measure, med, report
 
 ROUND_S = 3.0
 ROUNDS = 4
@@ -160,15 +160,7 @@ def encode_stall() -> None:
     print("== in-process: worst event-loop stall while a 200 000-event trace is encoded")
 
     async def main() -> tuple[float, float, int]:
-        worst = 0.0
         stop = False
-
-        async def lag() -> None:
-            nonlocal worst
-            while not stop:
-                t = time.perf_counter()
-                await asyncio.sleep(0.001)
-                worst = max(worst, time.perf_counter() - t - 0.001)
 
         async def busy() -> None:
             while not stop:
@@ -179,13 +171,12 @@ def encode_stall() -> None:
         t0 = time.perf_counter()
         cap = asyncio.ensure_future(tracing.capture(1.0, SleepWindow(), opts))
         await asyncio.sleep(1.05)  # the window is over: what follows is encoding
-        worst = 0.0
-        mon = asyncio.ensure_future(lag())
-        body = await cap
+        with LagMonitor() as lag:
+            body = await cap
         took = time.perf_counter() - t0 - 1.0
         stop = True
-        await asyncio.gather(load, mon)
-        return worst, took, len(body)
+        await load
+        return lag.worst, took, len(body)
 
     worst, took, size = asyncio.run(main())
     print(f"  {size / 1e6:.1f} MB encoded in {took:.2f} s; worst loop stall {worst * 1e3:.1f} ms")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
@@ -145,3 +146,29 @@ def report(name: str, base: list[dict[str, float]], other: list[dict[str, float]
         b = [r[key] for r in other]
         ratio = statistics.median(b) / statistics.median(a)
         print(f"  {key:15s} baseline {med(a):28s} {name} {med(b):28s} ratio {ratio:.3f}")
+
+
+class LagMonitor:
+    """Measures how late a timer (1 ms by default) fires on the loop: the loop's worst stall.
+
+    Use ``with LagMonitor() as lag:`` inside a coroutine; ``lag.worst`` is in seconds.
+    """
+
+    def __init__(self, period: float = 0.001) -> None:
+        self.period = period
+        self.worst = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(self.period)
+            self.worst = max(self.worst, time.perf_counter() - t - self.period)
+
+    def __enter__(self) -> LagMonitor:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
