@@ -185,6 +185,40 @@ def _get_libc() -> _Libc | None:
     return _libc if isinstance(_libc, _Libc) else None
 
 
+# --- the GIL switch interval, shared by every running sampler ------------------------------
+
+_switch_lock = threading.Lock()
+_switch_holders = 0
+_switch_saved = 0.0
+_switch_ours = 0.0
+
+
+def _hold_switch_interval(value: float) -> None:
+    """Lower the switch interval to ``value`` while at least one sampler runs."""
+    global _switch_holders, _switch_saved, _switch_ours
+    with _switch_lock:
+        if _switch_holders == 0:
+            _switch_saved = sys.getswitchinterval()
+            _switch_ours = value
+            sys.setswitchinterval(value)
+        elif value < _switch_ours:
+            _switch_ours = value
+            sys.setswitchinterval(value)
+        _switch_holders += 1
+
+
+def _release_switch_interval() -> None:
+    """Put back the interpreter's switch interval when the last sampler stops.
+
+    Unless somebody else changed it meanwhile: then theirs stays.
+    """
+    global _switch_holders
+    with _switch_lock:
+        _switch_holders -= 1
+        if _switch_holders == 0 and abs(sys.getswitchinterval() - _switch_ours) < 1e-9:
+            sys.setswitchinterval(_switch_saved)
+
+
 # --- the sampler ---------------------------------------------------------------------------
 
 _SIGNAL = signal.SIGPROF
@@ -214,7 +248,6 @@ class Sampler:
         self._previous_handler: object = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._saved_switch: float | None = None
         self.ticks = 0
         self.overruns = 0
         self.sample_seconds = 0.0
@@ -242,9 +275,10 @@ class Sampler:
                 thread = self._thread
                 self._thread = None
                 self._stop.set()
+                if self.switch_interval is not None:
+                    _release_switch_interval()
         if thread is not None:
             thread.join()
-            self._restore_switch_interval()
 
     def release_signal(self) -> None:
         """Put back the main thread's SIGPROF handler once no capture runs.
@@ -300,8 +334,7 @@ class Sampler:
         self._stop = threading.Event()
         self._use_signal_for_main()
         if self.switch_interval is not None:
-            self._saved_switch = sys.getswitchinterval()
-            sys.setswitchinterval(self.switch_interval)
+            _hold_switch_interval(self.switch_interval)
         target: Callable[[threading.Event], None] = (
             self._run_timers if self.mode == "timers" else self._run_polling
         )
@@ -310,16 +343,6 @@ class Sampler:
         )
         self._thread.daemon = True
         self._thread.start()
-
-    def _restore_switch_interval(self) -> None:
-        # Put back the interpreter's setting, unless someone changed it meanwhile.
-        if self._saved_switch is not None:
-            if (
-                self.switch_interval is not None
-                and abs(sys.getswitchinterval() - self.switch_interval) < 1e-9
-            ):
-                sys.setswitchinterval(self._saved_switch)
-            self._saved_switch = None
 
     def _guard(self, target: Callable[[threading.Event], None], stop: threading.Event) -> None:
         # A sampler must never die silently: log, and fall back to polling.
@@ -408,6 +431,10 @@ class Sampler:
                         timers[ident] = _Timed(ident, tid, tid_timer)
                         keys[next_key] = ident
                         next_key += 1
+                    if targets and not timers:
+                        # Every timer_create failed (a sandbox, an old kernel): an empty
+                        # profile would look like an idle process. Fall back, loudly.
+                        raise OSError(ctypes.get_errno(), "timer_create failed for every thread")
                 # Wait without the GIL; a tick wakes us at once.
                 ready, _, _ = select.select([fd], [], [], _RESCAN_S)
                 if not ready:

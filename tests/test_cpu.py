@@ -435,3 +435,40 @@ def test_python_dash_m_serves(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_overlapping_samplers_restore_the_switch_interval() -> None:
+    before = sys.getswitchinterval()
+    a, b = get_sampler(100, 0.0002), get_sampler(50, 0.0001)
+    cap_a = a.subscribe()
+    assert sys.getswitchinterval() == pytest.approx(0.0002)
+    cap_b = b.subscribe()
+    assert sys.getswitchinterval() == pytest.approx(0.0001)  # the lower one wins
+    a.unsubscribe(cap_a)
+    assert sys.getswitchinterval() == pytest.approx(0.0001)  # b still runs
+    b.unsubscribe(cap_b)
+    a.release_signal()
+    b.release_signal()
+    assert sys.getswitchinterval() == before
+
+
+def test_polling_fallback_still_profiles(
+    monkeypatch: pytest.MonkeyPatch, stop: threading.Event
+) -> None:
+    from asgi_pprof import sampler as sampler_mod
+    from asgi_pprof.cpu import to_profile
+
+    monkeypatch.setattr(sampler_mod, "_get_libc", lambda: None)
+    s = sampler_mod.Sampler(100, 0.0001)
+    assert s.mode == "polling"
+    t = threading.Thread(target=workloads.short_bursts_forever, args=(stop,), name="polled")
+    t.start()
+    cap = s.subscribe()
+    time.sleep(1)
+    s.unsubscribe(cap)
+    s.release_signal()
+    stop.set()
+    t.join()
+    data = to_profile(cap)
+    assert thread_ms(data, "polled") > 200
+    assert cpu_ms(data, "short_bursts_forever", "polled") > 0
