@@ -18,12 +18,26 @@ __all__ = ["profile", "to_profile"]
 def to_profile(cap: Capture) -> ProfileData:
     """Return Go's CPU profile of a finished capture: ``samples/count`` and ``cpu/nanoseconds``.
 
-    Each sample carries a ``thread`` label with the thread's name.
+    ``cpu/nanoseconds`` is CPU time read from each thread's CPU clock (see ``Capture``);
+    each sample carries a ``thread`` label with the thread's name.
     """
     end = cap.end_mono or time.monotonic()
+    totals = cap.totals()
+    # Each thread's CPU comes from its CPU clock (exact); it is spread over that thread's
+    # samples by their ticks, which splits it between functions with less noise than the
+    # per-sample clock deltas would (those vary with how much CPU went unsampled).
+    ticks: dict[str, int] = {}
+    cpu: dict[str, int] = {}
+    for (_, thread), (n, ns) in totals.items():
+        ticks[thread] = ticks.get(thread, 0) + n
+        cpu[thread] = cpu.get(thread, 0) + ns
     samples = [
-        Sample(stack=stack, values=[n, n * cap.period_ns], labels=(("thread", thread),))
-        for (stack, thread), n in cap.totals().items()
+        Sample(
+            stack=stack,
+            values=[n, n * cpu[thread] // ticks[thread]],
+            labels=(("thread", thread),),
+        )
+        for (stack, thread), (n, _) in totals.items()
     ]
     return ProfileData(
         sample_types=[ValueType("samples", "count"), ValueType("cpu", "nanoseconds")],

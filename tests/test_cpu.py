@@ -93,7 +93,8 @@ async def test_profile_shape(client: httpx.AsyncClient, stop: threading.Event) -
     assert abs(data.time_nanos - time.time_ns()) < 10e9
     assert 0.9e9 < data.duration_nanos < 2e9
     for s in data.samples:
-        assert s.values[1] == s.values[0] * data.period
+        assert s.values[0] >= 1
+        assert s.values[1] >= 0
         assert dict(s.labels)["thread"]
         assert all(f.line > 0 and f.filename and f.function for f in s.stack)
     # Never itself: no asgi_pprof thread and no sampler frame.
