@@ -313,15 +313,27 @@ async def test_trace_loads_in_speedscope(client: httpx.AsyncClient, tmp_path: Pa
     chromium()
 
     async def work() -> None:
-        await asyncio.sleep(0.05)
+        # Block only once the capture (hooks and sampler thread) is surely running.
+        for _ in range(400):  # at most 2 s
+            if tracing.is_capturing():
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.03)
         trace_test_blocks_the_loop(0.12)
         # More work in the same step: speedscope gives a slice that ends with its parent
         # no self time, and its sandwich view lists functions by self time.
         trace_test_thread_spins(0.03)
 
-    r = await traced(client, "seconds=0.3", work)
-    assert r.status_code == 200
-    dom = speedscope_dom(r.content, tmp_path, "sandwich")
+    async def load() -> str:
+        r = await traced(client, "seconds=0.4", work)
+        assert r.status_code == 200
+        return speedscope_dom(r.content, tmp_path, "sandwich")
+
+    dom = await load()
+    if "test_trace.trace_test_blocks_the_loop {" not in dom:
+        # Once in ~8 full CI runs the step came out with no stack samples under it (the
+        # flame chart is sampled); one more capture, and the checks below still apply.
+        dom = await load()
     assert "<title>trace.json - speedscope</title>" in dom, dom[:2000]
     assert "Something went wrong" not in dom
     # The loop thread's profile is the one shown: its track name is in the toolbar.
