@@ -298,8 +298,8 @@ def _argv() -> list[str]:
 
 def _parse_uint0(word: str) -> int:
     """Return Go's ``strconv.ParseUint(word, 0, 64)``, 0 on error (as the symbol handler)."""
-    s = word.strip() if word.strip() != word else word
-    if s != word or not s or s[0] in "+-":
+    s = word
+    if not s or s != s.strip() or s[0] in "+-":
         return 0
     try:
         n = int(s, 0)

@@ -146,7 +146,6 @@ _SIGEV_THREAD_ID = 4
 _SFD_NONBLOCK = 0o4000
 _SFD_CLOEXEC = 0o2000000
 _SIGINFO_SIZE = 128
-_CLOCK_MONOTONIC = 1
 
 
 class _Timespec(ctypes.Structure):
@@ -267,7 +266,6 @@ _SIGNAL = signal.SIGPROF
 
 @dataclass
 class _Timed:
-    ident: int
     tid: int
     timer: ctypes.c_void_p
 
@@ -292,8 +290,6 @@ class Sampler:
         self._stop = threading.Event()
         self.ticks = 0
         self.overruns = 0
-        self.sample_seconds = 0.0
-        """Time the sampler spent reading stacks (with the GIL held), summed."""
 
     # subscription (called from the event loop; cheap)
 
@@ -403,7 +399,6 @@ class Sampler:
                 self._run_polling(stop)
 
     def _deliver(self, ident_ticks: dict[int, int], frames: dict[int, types.FrameType]) -> None:
-        t0 = time.perf_counter()
         threads = {t.ident: t for t in threading.enumerate()}
         batch: list[tuple[int | None, Stack, str, int, int | None]] = []
         for ident, ticks in ident_ticks.items():
@@ -420,7 +415,6 @@ class Sampler:
                 for tid, stack, name, ticks, cpu_now in batch:
                     ns = cap.weigh(tid, cpu_now, ticks)
                     Capture.add_to(cap.counts, (stack, name), ticks, ns)
-        self.sample_seconds += time.perf_counter() - t0
 
     def _targets(self) -> dict[int, int]:
         """Return {ident: kernel tid} of the threads to profile (all but ours)."""
@@ -479,7 +473,7 @@ class Sampler:
                         if libc.timer_settime(tid_timer, 0, ctypes.byref(spec), None):
                             libc.timer_delete(tid_timer)
                             continue
-                        timers[ident] = _Timed(ident, tid, tid_timer)
+                        timers[ident] = _Timed(tid, tid_timer)
                         keys[next_key] = ident
                         next_key += 1
                     if targets and not timers:
@@ -500,7 +494,7 @@ class Sampler:
         finally:
             for t in timers.values():
                 libc.timer_delete(t.timer)
-            self._drain(fd, keys)
+            self._drain(fd)
             os.close(fd)
 
     def _read_ticks(self, fd: int, keys: dict[int, int]) -> dict[int, int]:
@@ -526,7 +520,7 @@ class Sampler:
                 break
         return ticks
 
-    def _drain(self, fd: int, keys: dict[int, int]) -> None:
+    def _drain(self, fd: int) -> None:
         # Signals already queued for this thread must not outlive it unread.
         try:
             while os.read(fd, _SIGINFO_SIZE * 64):
