@@ -6,7 +6,7 @@ import argparse
 
 import uvicorn
 
-from .server import make_root_app
+from .server import half_close_protocol, make_root_app
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,7 +16,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=6060, help="port to bind (6060)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    uvicorn.run(make_root_app(), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        make_root_app(),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        http=half_close_protocol(),
+    )
 
 
 if __name__ == "__main__":

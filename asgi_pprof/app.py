@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from .endpoints import Endpoints
 from .options import Options
@@ -15,6 +17,19 @@ __all__ = ["create_app"]
 
 _READ = frozenset({"GET", "HEAD"})
 _SYMBOL = frozenset({"GET", "HEAD", "POST"})
+
+
+class _AnyName(Route):
+    """``/{name:path}`` whose name may hold any character, a newline too.
+
+    Starlette's path convertor stops at a newline (its regex has no DOTALL), so
+    ``/debug/pprof/a%0ab`` fell through to Starlette's own 404; Go's index handler answers
+    every name under the prefix, unknown ones with its "Unknown profile" 404.
+    """
+
+    def __init__(self, path: str, endpoint: ASGIApp) -> None:
+        super().__init__(path, endpoint)
+        self.path_regex = re.compile(r"^/(?P<name>.*)$", re.DOTALL)
 
 
 def create_app(**options: Any) -> Starlette:
@@ -36,7 +51,7 @@ def create_app(**options: Any) -> Starlette:
         # POST too: go tool pprof's remote symbolization posts (current Go refuses it).
         Route("/symbol", ep.route(ep.symbol, _SYMBOL)),
         Route("/trace", ep.route(ep.trace, _READ)),
-        Route("/{name:path}", ep.route(ep.named, _READ)),
+        _AnyName("/{name:path}", ep.route(ep.named, _READ)),
     ]
     app = Starlette(routes=routes)
     app.state.pprof_options = opts

@@ -1,4 +1,5 @@
-"""The one home of "run this off the event loop" and "wait, unless the client leaves".
+"""The one home of "run this off the event loop" and "wait, unless the client leaves or
+the server shuts down".
 
 Heavy work (snapshots, encoding, gzip, rendering) runs in anyio worker threads that are
 renamed ``asgi_pprof-work`` while they work for us, so the CPU sampler leaves them out
@@ -7,17 +8,31 @@ and tests can see that none is left behind.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import gc
+import signal
 import threading
+import weakref
 from collections.abc import Callable, Iterator
-from typing import ParamSpec, Protocol, TypeVar
+from types import FrameType
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
 
-__all__ = ["THREAD_PREFIX", "Window", "gc_deferred", "is_own_thread", "run_in_thread"]
+__all__ = [
+    "THREAD_PREFIX",
+    "RequestWindow",
+    "SleepWindow",
+    "Window",
+    "end_windows",
+    "gc_deferred",
+    "is_own_thread",
+    "open_window_count",
+    "run_in_thread",
+]
 
 THREAD_PREFIX = "asgi_pprof-"
 
@@ -72,6 +87,120 @@ class SleepWindow:
         """Return True after sleeping ``seconds``."""
         await anyio.sleep(seconds)
         return True
+
+
+# --- windows that end on disconnect and on shutdown --------------------------------------
+#
+# uvicorn (and gunicorn's UvicornWorker, which runs uvicorn's Server) shuts down gracefully:
+# on SIGTERM/SIGINT it stops accepting, lets in-flight requests finish, and sends them no
+# http.disconnect. A 30 s window would hold the exit for 30 s. So every window a request
+# opens is registered here with its loop, and shutdown ends them all at once: a SIGTERM or
+# SIGINT handler chained on the main thread (the previous handler still runs) and
+# PprofServer.stop() both call end_windows(). An ended window returns True early, so the
+# client gets what was captured so far.
+
+_windows_lock = threading.RLock()  # re-entrant: end_windows() runs in signal handlers
+_windows: dict[asyncio.AbstractEventLoop, set[RequestWindow]] = {}
+_ending: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+_chained: dict[int, Any] = {}  # signal -> the handler ours replaced
+
+
+class RequestWindow:
+    """The :class:`Window` of one request: ends early on disconnect or server shutdown."""
+
+    def __init__(self) -> None:
+        self._wake: asyncio.Event | None = None
+        self.client_left = False
+
+    def leave(self) -> None:
+        """Record that the client disconnected and end the window (call on its loop)."""
+        self.client_left = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def wait(self, seconds: float) -> bool:
+        """Return True when ``seconds`` passed or the server is shutting down, False when
+        the client left first."""
+        if self.client_left:
+            return False
+        loop = asyncio.get_running_loop()
+        _chain_signal_handlers()
+        self._wake = asyncio.Event()
+        with _windows_lock:
+            if loop in _ending:
+                return True
+            _windows.setdefault(loop, set()).add(self)
+        try:
+            with anyio.move_on_after(max(0.0, seconds)):
+                await self._wake.wait()
+        finally:
+            with _windows_lock:
+                open_here = _windows.get(loop)
+                if open_here is not None:
+                    open_here.discard(self)
+                    if not open_here:
+                        del _windows[loop]
+            self._wake = None
+        return not self.client_left
+
+    def _end(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+
+def end_windows(loop: asyncio.AbstractEventLoop | None = None) -> int:
+    """End every open window of ``loop`` (all loops when None) and the ones it opens later.
+
+    Safe from any thread and from a signal handler; returns how many windows it ended.
+    """
+    with _windows_lock:
+        loops = [loop] if loop is not None else list(_windows)
+        if loop is None:
+            with contextlib.suppress(RuntimeError):
+                loops.append(asyncio.get_running_loop())
+        ended: list[tuple[asyncio.AbstractEventLoop, RequestWindow]] = []
+        for lp in loops:
+            _ending.add(lp)
+            ended += [(lp, w) for w in _windows.get(lp, ())]
+    for lp, w in ended:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            lp.call_soon_threadsafe(w._end)
+    return len(ended)
+
+
+def open_window_count() -> int:
+    """Return how many request windows are waiting now, over all loops."""
+    with _windows_lock:
+        return sum(len(ws) for ws in _windows.values())
+
+
+def _on_shutdown_signal(signum: int, frame: FrameType | None) -> None:
+    end_windows()
+    previous = _chained.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        # The default action (terminate) was what would have happened without us.
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
+def _chain_signal_handlers() -> None:
+    """Put our shutdown handler in front of SIGINT/SIGTERM's current one (main thread only).
+
+    Called when a window opens, so it lands after the server installed its own handler
+    (uvicorn installs its handlers when it starts serving, and restores the old ones when
+    it stops, which drops ours). A signal that is ignored stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in _SIGNALS:
+        current = signal.getsignal(sig)
+        if current is _on_shutdown_signal or current in (signal.SIG_IGN, None):
+            continue
+        _chained[sig] = current
+        signal.signal(sig, _on_shutdown_signal)
 
 
 # --- garbage collection ------------------------------------------------------------------

@@ -21,15 +21,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import builder, cpu, symbols
-from .concurrency import run_in_thread
+from . import builder, cpu, limits, symbols
+from .concurrency import RequestWindow, run_in_thread
 from .params import atoi, first, parse_float, parse_int10
 from .profiles import NamedProfile, ProfileError
 
 if TYPE_CHECKING:
     from .options import Options
 
-__all__ = ["Endpoints", "serve_error"]
+__all__ = ["Call", "ClientGone", "Endpoints", "serve_error"]
 
 log = logging.getLogger("asgi_pprof")
 
@@ -42,6 +42,9 @@ CPU_DEFAULT_SECONDS = 30
 
 TRACE_DEFAULT_SECONDS = 1.0
 """Go's default trace length."""
+
+_SYMBOL_INLINE = 4096
+"""Symbol requests up to this many bytes are answered on the loop (a thread hop costs more)."""
 
 DESCRIPTIONS = {
     "allocs": "A sampling of all past memory allocations",
@@ -97,67 +100,111 @@ def _href(name: str) -> str:
     return path + "?debug=1"
 
 
-class _Disconnect:
-    """A capture window that ends early when the client disconnects."""
+class ClientGone(Exception):
+    """The client left: no response is sent (nobody would read it), nothing is logged."""
 
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
 
-    async def wait(self, seconds: float) -> bool:
-        """Return True when ``seconds`` passed, False when the client disconnected first."""
-        left = True
+class Call:
+    """What one request's handler gets beside the request: its window and its body.
 
-        async def watch(scope: anyio.CancelScope) -> None:
-            nonlocal left
+    A watcher task owns the request's ``receive()``: it buffers the body (up to a cap)
+    and, when the client disconnects, ends the window and cancels the handler, so work
+    queued for a client that left is never started.
+    """
+
+    def __init__(self, body_limit: int) -> None:
+        self.window = RequestWindow()
+        self.body_limit = body_limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._too_large = False
+        self._body_done = anyio.Event()
+
+    async def body(self) -> bytes:
+        """Return the request body; 413 (Go's error shape) past the cap."""
+        await self._body_done.wait()
+        if self._too_large:
+            raise ProfileError(413, f"request body too large (limit {self.body_limit} bytes)")
+        return b"".join(self._chunks)
+
+    async def watch(self, receive: Receive, handler_scope: anyio.CancelScope) -> None:
+        """Read ``receive()`` until the client disconnects, then cancel ``handler_scope``."""
+        try:
             while True:
-                message = await self._receive()
-                if message["type"] == "http.disconnect":
-                    left = False
-                    scope.cancel()
-                    return
+                message = await receive()
+                kind = message.get("type")
+                if kind == "http.request":
+                    self._add(message.get("body", b""), bool(message.get("more_body", False)))
+                elif kind == "http.disconnect":
+                    break
+        except Exception:  # a server's receive() failing means the client is gone too
+            log.debug("asgi_pprof: receive() failed; treating the client as gone", exc_info=True)
+        self._body_done.set()
+        self.window.leave()
+        handler_scope.cancel()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch, tg.cancel_scope)
-            await anyio.sleep(seconds)
-            tg.cancel_scope.cancel()
-        return left
+    def _add(self, chunk: bytes, more: bool) -> None:
+        if not self._too_large:
+            self._size += len(chunk)
+            if self._size > self.body_limit:
+                self._too_large = True
+                self._chunks = []  # the rest is read and dropped: memory stays bounded
+            elif chunk:
+                self._chunks.append(chunk)
+        if not more or self._too_large:
+            self._body_done.set()
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request, Call], Awaitable[Response]]
 
 
 class _MethodGuard:
     """Runs a handler for the methods Go allows; every other method gets Go's 405.
 
     A class, not a function, so Starlette's ``Route`` passes every method through to it.
-    The handler's errors become responses here, never exceptions in the host app.
+    The handler's errors become responses here, never exceptions in the host app. The
+    handler runs in a cancel scope that a disconnect cancels (see :class:`Call`).
     """
 
-    def __init__(self, handler: Handler, methods: frozenset[str]) -> None:
+    def __init__(self, handler: Handler, methods: frozenset[str], body_limit: int) -> None:
         self.handler = handler
         self.methods = methods
+        self.body_limit = body_limit
         self.allow = ", ".join(m for m in ("GET", "HEAD", "POST") if m in methods)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         if request.method not in self.methods:
-            response = Response(
+            response: Response | None = Response(
                 "Method Not Allowed\n",
                 status_code=405,
                 media_type=_TEXT,
                 headers={**_NOSNIFF, "Allow": self.allow},
             )
         else:
-            try:
-                response = await self.handler(request)
-            except ProfileError as e:
-                response = serve_error(e.status, e.text)
-            except Exception:
-                log.exception("asgi_pprof: %s failed", request.url.path)
-                response = serve_error(500, "failed to collect profile")
+            response = await self._run(request, receive)
+        if response is None:
+            return  # the client left
         if request.method == "HEAD":
             response.body = b""
         await response(scope, receive, send)
+
+    async def _run(self, request: Request, receive: Receive) -> Response | None:
+        call = Call(self.body_limit if request.method == "POST" else 0)
+        response: Response | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call.watch, receive, tg.cancel_scope)
+            try:
+                response = await self.handler(request, call)
+            except ProfileError as e:
+                response = serve_error(e.status, e.text)
+            except ClientGone:
+                pass
+            except Exception:
+                log.exception("asgi_pprof: %s failed", request.url.path)
+                response = serve_error(500, "failed to collect profile")
+            tg.cancel_scope.cancel()
+        return None if call.window.client_left else response
 
 
 class Endpoints:
@@ -171,11 +218,11 @@ class Endpoints:
 
     def route(self, handler: Handler, methods: frozenset[str]) -> ASGIApp:
         """Return an ASGI app that runs ``handler`` for ``methods`` and 405s the rest."""
-        return _MethodGuard(handler, methods)
+        return _MethodGuard(handler, methods, self.options.max_symbol_bytes)
 
     # --- handlers ---------------------------------------------------------------------
 
-    async def index(self, request: Request) -> Response:
+    async def index(self, request: Request, call: Call) -> Response:
         """Return the HTML index: every profile with its count, link and description."""
         entries = [(p.name, p.count(), p.description) for p in self.profiles.values()]
         for pseudo in ("cmdline", "profile", "trace"):
@@ -203,60 +250,53 @@ class Endpoints:
         )
         return Response(page, media_type="text/html; charset=utf-8", headers=dict(_NOSNIFF))
 
-    async def cmdline(self, request: Request) -> Response:
+    async def cmdline(self, request: Request, call: Call) -> Response:
         """Return the command line, arguments separated by NUL bytes (Go's ``os.Args``)."""
         return _text("\x00".join(_argv()))
 
-    async def symbol(self, request: Request) -> Response:
+    async def symbol(self, request: Request, call: Call) -> Response:
         """Return ``num_symbols: 1`` and ``<addr> <function>`` for each known address.
 
         Addresses come from the POST body or the raw query string, ``+``-separated, in
         any base Go's ``ParseUint(s, 0, 64)`` accepts.
         """
         if request.method == "POST":
-            raw = (await request.body()).decode("latin-1")
+            raw = await call.body()  # bounded by max_symbol_bytes (Go reads any size)
         else:
-            raw = request.scope.get("query_string", b"").decode("latin-1")
-        lines = ["num_symbols: 1\n"]
-        for word in raw.split("+"):
-            pc = _parse_uint0(word)
-            if pc:
-                name = symbols.lookup(pc)
-                if name is not None:
-                    lines.append(f"{pc:#x} {name}\n")
-        return _text("".join(lines))
+            raw = request.scope.get("query_string", b"")
+        if len(raw) <= _SYMBOL_INLINE:
+            return _text(_symbolize(raw))
+        return _text(await run_in_thread(_symbolize, raw))
 
-    def _window_seconds(self, seconds: float) -> None:
-        if seconds > self.options.max_seconds:
-            raise ProfileError(
-                400,
-                f"profile duration exceeds server's limit of {self.options.max_seconds} seconds",
-            )
-
-    async def profile(self, request: Request) -> Response:
+    async def profile(self, request: Request, call: Call) -> Response:
         """Return a CPU profile of ``seconds`` (default 30) as gzipped profile.proto."""
         sec = parse_int10(first(request.query_params, "seconds"))
         if sec is None or sec <= 0:
             sec = min(CPU_DEFAULT_SECONDS, self.options.max_seconds)
-        self._window_seconds(sec)
-        data = await cpu.profile(sec, _Disconnect(request.receive), self.options)
+        limits.check_window("profile", sec, self.options)
+        with limits.window_slot("profile", self.options):
+            data = await cpu.profile(sec, call.window, self.options)
+        if data is None:
+            raise ClientGone
         body = await run_in_thread(builder.encode, data)
         return _binary(body, "profile")
 
-    async def trace(self, request: Request) -> Response:
+    async def trace(self, request: Request, call: Call) -> Response:
         """Return an execution trace of ``seconds`` (float, default 1) as Trace Event JSON."""
         from . import tracing  # the trace is optional machinery: load it on first use
 
+        # Go: a parse error (including ErrRange, e.g. 1e309) or sec <= 0 is the default.
         sec = parse_float(first(request.query_params, "seconds"))
         if sec is None or sec <= 0:
             sec = TRACE_DEFAULT_SECONDS
         if not math.isfinite(sec):
             sec = 0.0  # Go: NaN and Inf end as an immediate trace
-        self._window_seconds(sec)
-        body = await tracing.capture(sec, _Disconnect(request.receive), self.options)
+        limits.check_window("trace", sec, self.options)
+        with limits.window_slot("trace", self.options):
+            body = await tracing.capture(sec, call.window, self.options)
         return _binary(body, "trace")
 
-    async def named(self, request: Request) -> Response:
+    async def named(self, request: Request, call: Call) -> Response:
         """Return ``/debug/pprof/<name>``: proto (debug=0), text (debug>=1), or a delta."""
         name = request.path_params["name"]
         prof = self.profiles.get(name)
@@ -264,7 +304,7 @@ class Endpoints:
             return serve_error(404, "Unknown profile")
         seconds = first(request.query_params, "seconds")
         if seconds != "":
-            return await self._delta(request, prof, seconds)
+            return await self._delta(request, call, prof, seconds)
         run_gc = atoi(first(request.query_params, "gc")) > 0 and name == "heap"
         if run_gc:
             await run_in_thread(gc.collect)
@@ -274,19 +314,22 @@ class Endpoints:
         data = await prof.collect(gc=run_gc)
         return _binary(await run_in_thread(builder.encode, data), name)
 
-    async def _delta(self, request: Request, prof: NamedProfile, seconds: str) -> Response:
+    async def _delta(
+        self, request: Request, call: Call, prof: NamedProfile, seconds: str
+    ) -> Response:
         # Go's order: seconds value, profile type, debug.
         sec = parse_int10(seconds)
         if sec is None or sec <= 0:
             return serve_error(400, 'invalid value for "seconds" - must be a positive integer')
         if not prof.supports_delta:
             return serve_error(400, '"seconds" parameter is not supported for this profile type')
-        self._window_seconds(sec)
+        limits.check_window("delta", sec, self.options)
         if atoi(first(request.query_params, "debug")) != 0:
             return serve_error(400, "seconds and debug params are incompatible")
-        data = await prof.delta(sec, _Disconnect(request.receive))
+        with limits.window_slot("delta", self.options):
+            data = await prof.delta(sec, call.window)
         if data is None:
-            return serve_error(500, "context canceled")
+            raise ClientGone
         body = await run_in_thread(builder.encode, data, 6)
         return _binary(body, f"{prof.name}-delta")
 
@@ -294,6 +337,18 @@ class Endpoints:
 def _argv() -> list[str]:
     """Return the real command line: the interpreter's ``sys.orig_argv`` when it has one."""
     return list(getattr(sys, "orig_argv", None) or sys.argv)
+
+
+def _symbolize(raw: bytes) -> str:
+    """Return the symbol handler's text for ``raw``, ``+``-separated addresses."""
+    lines = ["num_symbols: 1\n"]
+    for word in raw.decode("latin-1").split("+"):
+        pc = _parse_uint0(word)
+        if pc:
+            name = symbols.lookup(pc)
+            if name is not None:
+                lines.append(f"{pc:#x} {name}\n")
+    return "".join(lines)
 
 
 def _parse_uint0(word: str) -> int:

@@ -55,6 +55,22 @@ class Options:
     trace_max_events: int = 200_000
     """Most events one trace keeps (about 45 MB of JSON); past it the trace says it was cut."""
 
+    max_windows: int = 8
+    """Most timed windows (profile, trace, ``seconds=N``) open at once in the process; past
+    it a request gets 503 at once. A scraper holds one; 8 leaves room for people."""
+
+    max_trace_seconds: int = 30
+    """Longest ``/trace`` window (the trace hooks every loop step: +16-62 % CPU per request)."""
+
+    max_heap_window_seconds: int = 30
+    """Longest ``heap?seconds=N`` window in window mode (tracemalloc on process-wide)."""
+
+    heap_window: bool = True
+    """Allow ``heap?seconds=N`` to turn tracemalloc on for its window when it is off."""
+
+    max_symbol_bytes: int = 1 << 20
+    """Largest ``/symbol`` POST body (1 MiB: about 70 000 addresses); larger gets 413."""
+
     profiles: Sequence[NamedProfile] = field(default_factory=tuple)
     """Extra named profiles served beside the built-in ones (Go's ``pprof.NewProfile``)."""
 
@@ -73,6 +89,12 @@ class Options:
         _int_in("heap_window_frames", self.heap_window_frames, 1, 1000)
         _int_in("trace_sample_hz", self.trace_sample_hz, 1, 10_000)
         _int_in("trace_max_events", self.trace_max_events, 1000, 100_000_000)
+        _int_in("max_windows", self.max_windows, 1, 10_000)
+        _int_in("max_trace_seconds", self.max_trace_seconds, 1, 24 * 3600)
+        _int_in("max_heap_window_seconds", self.max_heap_window_seconds, 1, 24 * 3600)
+        if not isinstance(self.heap_window, bool):
+            raise ValueError("heap_window must be True or False")
+        _int_in("max_symbol_bytes", self.max_symbol_bytes, 1024, 1 << 30)
         from .profiles import NamedProfile  # runtime import: profiles imports nothing of ours here
 
         names: set[str] = set()

@@ -3,7 +3,8 @@
 Go reads each parameter with ``r.FormValue``: the first value, ``""`` when missing;
 ``debug`` and ``gc`` with ``strconv.Atoi`` (errors become 0), ``seconds`` with
 ``strconv.ParseInt(s, 10, 64)`` (errors reported), the trace's ``seconds`` with
-``strconv.ParseFloat``.
+``strconv.ParseFloat``. Any length of input is answered in linear time, never with an
+exception (Python's ``int()`` refuses more than 4 300 digits: we never ask it to).
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ def parse_int10(s: str) -> int | None:
     """Return ``strconv.ParseInt(s, 10, 64)``, or None where Go reports an error."""
     if not _INT.fullmatch(s):
         return None
-    n = int(s)
+    # int() refuses more than 4300 digits (a ValueError, not a number): past 19
+    # significant digits the value is out of int64's range anyway (Go's ErrRange).
+    digits = s.lstrip("+-").lstrip("0")
+    if len(digits) > 19:
+        return None
+    n = int(s[0] + digits) if s[0] in "+-" and digits else int(digits or "0")
     return n if _INT64_MIN <= n <= _INT64_MAX else None
 
 
@@ -59,7 +65,8 @@ def parse_float(s: str) -> float | None:
     if special is not None:
         return -special if s.startswith("-") else special
     if _DEC_FLOAT.fullmatch(s) and any(c.isdigit() for c in s):
-        return float(s.replace("_", ""))
+        f = float(s.replace("_", ""))
+        return None if math.isinf(f) else f  # finite digits that overflow: Go's ErrRange
     m = _HEX_FLOAT.fullmatch(s)
     if m and any(c not in "._" for c in m.group(2)):
         mant = m.group(2).replace("_", "")
@@ -68,5 +75,5 @@ def parse_float(s: str) -> float | None:
         try:
             return float.fromhex(f"{m.group(1)}0x{mant}p{m.group(3).replace('_', '')}")
         except OverflowError:
-            return math.inf if m.group(1) != "-" else -math.inf
+            return None  # Go's ErrRange
     return None

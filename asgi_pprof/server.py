@@ -6,6 +6,8 @@ web service or not, gets a pprof endpoint on 127.0.0.1:6060 in one line.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 import time
 from typing import Any
@@ -16,9 +18,9 @@ from starlette.responses import RedirectResponse
 from starlette.routing import Mount, Route
 
 from .app import create_app
-from .concurrency import THREAD_PREFIX
+from .concurrency import THREAD_PREFIX, end_windows
 
-__all__ = ["PprofServer", "make_root_app", "start_server"]
+__all__ = ["PprofServer", "half_close_protocol", "make_root_app", "start_server"]
 
 MOUNT = "/debug/pprof"
 
@@ -33,6 +35,43 @@ def make_root_app(app: Starlette | None = None) -> Starlette:
         return RedirectResponse(MOUNT + "/")
 
     return Starlette(routes=[Route("/", root), Mount(MOUNT, app=app or create_app())])
+
+
+def half_close_protocol() -> type[asyncio.Protocol]:
+    """Return uvicorn's HTTP protocol (httptools when installed, else h11), made to answer a
+    client that half-closed its side (``shutdown(SHUT_WR)``) after sending its request.
+
+    uvicorn's own protocols let asyncio close the connection on the client's EOF
+    (``eof_received`` returns None), so such a client never gets its response and the app
+    sees ``http.disconnect``. This one keeps the connection open until the response is
+    sent, then closes it (the client can send no further request).
+    """
+    base: type[Any]
+    try:  # the module imports httptools, an optional uvicorn extra
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # pragma: no cover
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class HalfCloseProtocol(base):  # type: ignore[misc]
+        def eof_received(self) -> bool | None:
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.keep_alive = False
+                return True  # keep the transport open to write the response
+            return None
+
+    return HalfCloseProtocol
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, remembering the loop it serves on (so :meth:`PprofServer.stop`
+    can end that loop's capture windows at once)."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
 
 class PprofServer:
@@ -67,7 +106,13 @@ class PprofServer:
         return self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving and wait (up to ``timeout`` s) for the server thread to end."""
+        """Stop serving and wait (up to ``timeout`` s) for the server thread to end.
+
+        Open capture windows end at once: their clients get what was captured so far.
+        """
+        loop = getattr(self._server, "loop", None)
+        if loop is not None:
+            end_windows(loop)
         self._server.should_exit = True
         self._thread.join(timeout)
 
@@ -92,8 +137,15 @@ def start_server(
     unless told otherwise. Raises ``OSError`` when the port cannot be bound.
     """
     root = make_root_app(app or create_app(**options))
-    config = uvicorn.Config(root, host=host, port=port, log_level=log_level, lifespan="off")
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(
+        root,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="off",
+        http=half_close_protocol(),
+    )
+    server = _Server(config)
     errors: list[BaseException] = []
 
     def serve() -> None:
