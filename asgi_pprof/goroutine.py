@@ -8,12 +8,13 @@ spirit of Go's panic output, one block per task or thread, identical tasks group
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 
 from . import tasks, threads
-from .concurrency import gc_deferred, run_in_thread
-from .model import Frame, ProfileData, Sample, ValueType, labels_of
+from .concurrency import run_in_thread
+from .model import Frame, ProfileData, Sample, Stack, ValueType, labels_of
 from .options import Options
 from .profiles import NamedProfile
 from .tasks import StackRecord
@@ -23,31 +24,46 @@ __all__ = ["GoroutineProfile", "ThreadcreateProfile", "dump", "profiles", "to_pr
 
 _GOROUTINE = ValueType("goroutine", "count")
 _NO_FRAME = (Frame("[no Python frame]", "<unknown>", 0, 0),)
-_MEMBERS_SHOWN = 20
-"""Members of a group of identical tasks listed one per line before "and N more"."""
 
 
-def _labels(rec: StackRecord) -> tuple[tuple[str, str], ...]:
+def _label_key(rec: StackRecord) -> tuple[str, str, str, str]:
+    return (rec.kind, rec.state, rec.wait, rec.loop if rec.kind == "task" else rec.name)
+
+
+def _labels(key: tuple[str, str, str, str]) -> tuple[tuple[str, str], ...]:
     # Low-cardinality values only, so -tagfocus splits and debug=1 still groups:
     # task names and ids are often unique and live in the debug=2 dump.
-    if rec.kind == "task":
-        pairs = [("kind", "task"), ("state", rec.state), ("wait", rec.wait), ("loop", rec.loop)]
-    else:
-        pairs = [("kind", "thread"), ("state", rec.state), ("wait", rec.wait), ("thread", rec.name)]
-    return labels_of(pairs)
+    kind, state, wait, where = key
+    return labels_of(
+        [
+            ("kind", kind),
+            ("state", state),
+            ("wait", wait),
+            ("loop" if kind == "task" else "thread", where),
+        ]
+    )
 
 
 def to_profile(records: Sequence[StackRecord]) -> ProfileData:
     """Return the goroutine profile of ``records``: one sample per stack and label set."""
-    samples = [Sample(r.stack or _NO_FRAME, [1], _labels(r)) for r in records]
-    data = ProfileData(
+    # Counted straight into one entry per distinct (stack, labels): one object per
+    # task would mean tens of thousands the garbage collector must track and walk.
+    labels: dict[tuple[str, str, str, str], tuple[tuple[str, str], ...]] = {}
+    counts: dict[tuple[Stack, tuple[tuple[str, str], ...]], int] = {}
+    for r in records:
+        lk = _label_key(r)
+        lab = labels.get(lk)
+        if lab is None:
+            lab = labels[lk] = _labels(lk)
+        key = (r.stack or _NO_FRAME, lab)
+        counts[key] = counts.get(key, 0) + 1
+    return ProfileData(
         sample_types=[_GOROUTINE],
         period_type=_GOROUTINE,
         period=1,
-        samples=samples,
+        samples=[Sample(stack, [n], lab) for (stack, lab), n in counts.items()],
         time_nanos=time.time_ns(),
     )
-    return data.merged()
 
 
 # --- debug=2 ------------------------------------------------------------------------------
@@ -61,20 +77,29 @@ def _frame_lines(rec: StackRecord) -> list[str]:
     return out
 
 
-def _member(rec: StackRecord) -> str:
-    text = f'{rec.kind} {rec.ident:#x} "{rec.name}"' if rec.kind == "task" else ""
-    extra = []
-    if rec.detail:
-        extra.append(rec.detail)
-    if rec.waiting is not None:
-        extra.append(f"waiting {rec.waiting:.3g} s")
-    if rec.awaited_by:
-        extra.append("awaited by " + ", ".join(_link(a) for a in rec.awaited_by))
-    return text + (": " + "; ".join(extra) if extra else "")
+def _quoted(name: str) -> str:
+    # A task name is any string: one with a quote or a line break must not break the dump.
+    if name.isprintable() and '"' not in name and "\\" not in name:
+        return f'"{name}"'
+    return json.dumps(name)
 
 
 def _link(a: tasks.Link) -> str:
-    return f'task {a.task_id:#x} "{a.task_name}" ({a.how})'
+    return f"task {a.task_id:#x} {_quoted(a.task_name)} ({a.how})"
+
+
+def task_line(rec: StackRecord) -> str:
+    """Return a task's one line: ``task ID "NAME" [STATE: WAIT, waiting S s; awaited by ...]``.
+
+    Every task of the dump has one (its block's header, or a member line of a group),
+    so ``grep NAME`` finds its id, what it waits on and who waits for it.
+    """
+    status = rec.state + (f": {rec.detail}" if rec.detail else "")
+    if rec.waiting is not None:
+        status += f", waiting {rec.waiting:.3g} s"
+    if rec.awaited_by:
+        status += "; awaited by " + ", ".join(_link(a) for a in rec.awaited_by)
+    return f"task {rec.ident:#x} {_quoted(rec.name)} [{status}]"
 
 
 def _created(rec: StackRecord) -> list[str]:
@@ -85,7 +110,7 @@ def _created(rec: StackRecord) -> list[str]:
         if rec.tracked:
             return ["created by: unknown (created before tracking started on this loop)"]
         return ["created by: not tracked (create_app(track_task_creation=True) records it)"]
-    by = f' in task {c.task_id:#x} "{c.task_name}"' if c.task_id else " outside any task"
+    by = f" in task {c.task_id:#x} {_quoted(c.task_name)}" if c.task_id else " outside any task"
     return [
         f"created by {c.frame.function}{by}, {c.age:.3g} s ago",
         f"\t{c.frame.filename}:{c.frame.line}",
@@ -95,14 +120,14 @@ def _created(rec: StackRecord) -> list[str]:
 def _group_key(rec: StackRecord) -> tuple[object, ...]:
     c = rec.created
     site = (c.frame, c.task_name) if c is not None else None
-    return (rec.kind, rec.loop, rec.state, rec.wait, rec.stack, site, rec.tracked)
+    return (rec.loop, rec.state, rec.wait, rec.stack, site, rec.tracked)
 
 
 def dump(records: Sequence[StackRecord]) -> str:
     """Return the ``debug=2`` text: a header, then one block per task, group or thread.
 
     Tasks with the same loop, state, wait, stack and creation site form one block that
-    lists its members (id, name, what each waits on, who awaits it), the largest first.
+    lists every member on its own line (:func:`task_line`), the largest group first.
     """
     task_recs = [r for r in records if r.kind == "task"]
     thread_recs = [r for r in records if r.kind == "thread"]
@@ -118,7 +143,7 @@ def dump(records: Sequence[StackRecord]) -> str:
             else "not tracked (create_app(track_task_creation=True) records them)"
         ),
     ]
-    blocks: list[list[str]] = []
+    blocks: list[str] = []
     groups: dict[tuple[object, ...], list[StackRecord]] = {}
     for r in task_recs:
         groups.setdefault(_group_key(r), []).append(r)
@@ -129,26 +154,22 @@ def dump(records: Sequence[StackRecord]) -> str:
     for g in ordered:
         first = g[0]
         if len(g) == 1:
-            status = first.state + (f": {first.detail}" if first.detail else "")
-            if first.waiting is not None:
-                status += f", waiting {first.waiting:.3g} s"
-            lines = [f'task {first.ident:#x} "{first.name}" [{status}] on loop {first.loop}:']
-            lines += _frame_lines(first)
-            if first.awaited_by:
-                lines.append("awaited by " + ", ".join(_link(a) for a in first.awaited_by))
+            lines = [f"{task_line(first)} on loop {first.loop}:"]
         else:
             lines = [f"{len(g)} tasks [{first.state}: {first.wait}] on loop {first.loop}:"]
-            lines += ["    " + _member(m) for m in g[:_MEMBERS_SHOWN]]
-            if len(g) > _MEMBERS_SHOWN:
-                lines.append(f"    ... and {len(g) - _MEMBERS_SHOWN} more")
-            lines += _frame_lines(first)
+            lines += ["    " + task_line(m) for m in sorted(g, key=_ident)]
+        lines += _frame_lines(first)
         lines += _created(first)
-        blocks.append(lines)
+        blocks.append("\n".join(lines))
     for r in thread_recs:
         status = r.state + (f": {r.detail}" if r.detail else "")
-        lines = [f'thread {r.ident} "{r.name}" [{status}]:', *_frame_lines(r)]
-        blocks.append(lines)
-    return "\n".join(head) + "\n\n" + "\n\n".join("\n".join(b) for b in blocks) + "\n"
+        lines = [f"thread {r.ident} {_quoted(r.name)} [{status}]:", *_frame_lines(r)]
+        blocks.append("\n".join(lines))
+    return "\n".join(head) + "\n\n" + "\n\n".join(blocks) + "\n"
+
+
+def _ident(rec: StackRecord) -> int:
+    return rec.ident
 
 
 # --- the named profiles ---------------------------------------------------------------------
@@ -172,15 +193,13 @@ class GoroutineProfile(NamedProfile):
         return tasks.count()
 
     def _profile(self) -> ProfileData:
-        with gc_deferred():
-            return to_profile(tasks.snapshot(self.track_creation))
+        return to_profile(tasks.snapshot(self.track_creation))
 
     def _text(self, debug: int) -> str:
-        with gc_deferred():
-            records = tasks.snapshot(self.track_creation)
-            if debug >= 2:
-                return dump(records)
-            return count_profile_text(self.name, to_profile(records))
+        records = tasks.snapshot(self.track_creation)
+        if debug >= 2:
+            return dump(records)
+        return count_profile_text(self.name, to_profile(records))
 
     async def collect(self, *, gc: bool = False) -> ProfileData:
         """Return the goroutine profile, read and built in a worker thread."""

@@ -164,8 +164,13 @@ async def test_dump_shows_each_task_state_wait_stack_and_links(
     b = dump_block(dump, f'task {ids["gtest-sleeper"]} "gtest-sleeper" [pending: asyncio.sleep(30)')
     assert frame_at(gtest_sleeps, "sleep") in b
     assert "asyncio.tasks.sleep(...)" in b.splitlines()[1]  # innermost first
-    assert f'awaited by task {ids["gtest-awaiter"]} "gtest-awaiter" (await)' in b
-    assert re.search(r"s left, waiting 0\.\d+ s\]", b)
+    # Its one line carries all of it: what it waits on, for how long, who waits for it.
+    assert re.match(
+        rf'task {ids["gtest-sleeper"]} "gtest-sleeper" \[pending: asyncio\.sleep\(30\), '
+        rf'[0-9.]+ s left, waiting 0\.\d+ s; awaited by task {ids["gtest-awaiter"]} '
+        rf'"gtest-awaiter" \(await\)\] on loop MainThread:\n',
+        b,
+    ), b
 
     b = dump_block(dump, f'task {ids["gtest-event"]} "gtest-event" [pending: Event.wait on Event')
     assert frame_at(gtest_waits_event, "event") in b
@@ -193,9 +198,11 @@ async def test_dump_shows_each_task_state_wait_stack_and_links(
     assert frame_at(gtest_gather_child, "child") in b
     for child in ("gtest-gather-a", "gtest-gather-b"):
         assert re.search(
-            rf'task 0x[0-9a-f]+ "{child}": asyncio\.sleep\(30\).*awaited by task '
-            rf'{ids["gtest-gatherer"]} "gtest-gatherer" \(gather\)',
+            rf'^    task 0x[0-9a-f]+ "{child}" \[pending: asyncio\.sleep\(30\), [0-9.]+ s left, '
+            rf'waiting [0-9.e-]+ s; awaited by task {ids["gtest-gatherer"]} "gtest-gatherer" '
+            r"\(gather\)\]$",
             b,
+            re.M,
         ), b
 
     b = dump_block(
