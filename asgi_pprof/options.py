@@ -71,6 +71,22 @@ class Options:
     max_symbol_bytes: int = 1 << 20
     """Largest ``/symbol`` POST body (1 MiB: about 70 000 addresses); larger gets 413."""
 
+    block_profile_rate: int | None = None
+    """Block profile rate in ns (Go's ``SetBlockProfileRate``: 0 off, 1 every wait); None
+    leaves the process's setting (``ASGI_PPROF_BLOCK_PROFILE_RATE``) alone."""
+
+    mutex_profile_fraction: int | None = None
+    """Mutex profile fraction (Go's ``SetMutexProfileFraction``: 0 off, 1 in n kept); None
+    leaves the process's setting (``ASGI_PPROF_MUTEX_PROFILE_FRACTION``) alone."""
+
+    loopstall_threshold: float | None = None
+    """Seconds a loop may stay away from its selector before it counts as stalled (0 turns
+    the watchdog off); None leaves the process's setting (20 ms by default) alone."""
+
+    memory_profile_rate: int | None = None
+    """Sample about one allocation per this many bytes for heap/allocs (Go's
+    ``runtime.MemProfileRate``; 0 off, 1 every allocation); None leaves the process's rate."""
+
     profiles: Sequence[NamedProfile] = field(default_factory=tuple)
     """Extra named profiles served beside the built-in ones (Go's ``pprof.NewProfile``)."""
 
@@ -89,12 +105,25 @@ class Options:
         _int_in("heap_window_frames", self.heap_window_frames, 1, 1000)
         _int_in("trace_sample_hz", self.trace_sample_hz, 1, 10_000)
         _int_in("trace_max_events", self.trace_max_events, 1000, 100_000_000)
+        if self.block_profile_rate is not None:
+            _int_in("block_profile_rate", self.block_profile_rate, 0, 10**15)
+        if self.mutex_profile_fraction is not None:
+            _int_in("mutex_profile_fraction", self.mutex_profile_fraction, 0, 10**9)
+        lst = self.loopstall_threshold
+        if lst is not None and (
+            isinstance(lst, bool)
+            or not isinstance(lst, int | float)
+            or not (lst == 0 or 0.001 <= lst <= 60)
+        ):
+            raise ValueError(f"loopstall_threshold must be 0 or 0.001 to 60 seconds, got {lst!r}")
         _int_in("max_windows", self.max_windows, 1, 10_000)
         _int_in("max_trace_seconds", self.max_trace_seconds, 1, 24 * 3600)
         _int_in("max_heap_window_seconds", self.max_heap_window_seconds, 1, 24 * 3600)
         if not isinstance(self.heap_window, bool):
             raise ValueError("heap_window must be True or False")
         _int_in("max_symbol_bytes", self.max_symbol_bytes, 1024, 1 << 30)
+        if self.memory_profile_rate is not None:
+            _int_in("memory_profile_rate", self.memory_profile_rate, 0, 1 << 62)
         from .profiles import NamedProfile  # runtime import: profiles imports nothing of ours here
 
         names: set[str] = set()

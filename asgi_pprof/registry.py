@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import goroutine, heap
+from . import block, goroutine, heap
 from .options import Options
 from .profiles import NamedProfile
 
@@ -15,4 +15,5 @@ def builtin_profiles(options: Options) -> list[NamedProfile]:
     # Each collector module adds its profiles here, one line each.
     profiles += goroutine.profiles(options)
     profiles += heap.profiles(options)
+    profiles += block.profiles(options)
     return profiles
