@@ -87,6 +87,10 @@ class Options:
     """Sample about one allocation per this many bytes for heap/allocs (Go's
     ``runtime.MemProfileRate``; 0 off, 1 every allocation); None leaves the process's rate."""
 
+    memory_profile_rate: int | None = None
+    """Sample about one allocation per this many bytes for heap/allocs (Go's
+    ``runtime.MemProfileRate``; 0 off, 1 every allocation); None leaves the process's rate."""
+
     profiles: Sequence[NamedProfile] = field(default_factory=tuple)
     """Extra named profiles served beside the built-in ones (Go's ``pprof.NewProfile``)."""
 
@@ -122,6 +126,8 @@ class Options:
         if not isinstance(self.heap_window, bool):
             raise ValueError("heap_window must be True or False")
         _int_in("max_symbol_bytes", self.max_symbol_bytes, 1024, 1 << 30)
+        if self.memory_profile_rate is not None:
+            _int_in("memory_profile_rate", self.memory_profile_rate, 0, 1 << 62)
         if self.memory_profile_rate is not None:
             _int_in("memory_profile_rate", self.memory_profile_rate, 0, 1 << 62)
         from .profiles import NamedProfile  # runtime import: profiles imports nothing of ours here

@@ -1,0 +1,335 @@
+"""Go's memory profile for Python: the sampled allocation profiler and its public switch.
+
+The one module that loads the native extension (``asgi_pprof._memsample``), decides on
+the fallback, and turns the native table into :class:`~asgi_pprof.model.ProfileData`.
+
+Sampling is Go's ``runtime.MemProfileRate``: about one allocation per ``rate`` bytes
+allocated is sampled (a Poisson process over bytes, so big and small allocations are
+sampled without bias), with the Python stack that made it. Frees of sampled blocks are
+seen, so in-use figures are right for the sampled set. Values are unsampled with Go's
+formula: each (count, bytes) pair is scaled by ``1 / (1 - exp(-avg_size / rate))``.
+Only allocations made after sampling starts are seen.
+
+Switches, in the order they apply:
+
+* ``ASGI_PPROF_NO_NATIVE=1`` (environment, read at import): never load the extension;
+  ``heap`` and ``allocs`` come from tracemalloc.
+* ``ASGI_PPROF_MEMORY_PROFILE_RATE=N`` (environment, read at import): start sampling at
+  ``N`` bytes (0 leaves it off), so an unmodified program can turn it on.
+* :func:`set_memory_profile_rate` (``create_app(memory_profile_rate=N)`` calls it).
+* :data:`ON_BY_DEFAULT`: whether importing asgi_pprof starts sampling at
+  :data:`DEFAULT_RATE` when nothing above said otherwise.
+
+The extension is missing when it could not be built (no compiler at install time),
+on another interpreter or on a free-threaded build: that is logged once, never an
+error. The RAW allocator domain is not sampled (see ``_memsample.c``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import platform
+import sysconfig
+import threading
+import time
+import tracemalloc
+import types
+from collections.abc import Callable
+from typing import Any
+
+from .model import Frame, ProfileData, Sample, Stack, ValueType, function_name
+
+__all__ = [
+    "DEFAULT_RATE",
+    "ENV_NO_NATIVE",
+    "ENV_RATE",
+    "ON_BY_DEFAULT",
+    "SAMPLE_TYPES",
+    "Record",
+    "available",
+    "memory_profile_rate",
+    "profile_data",
+    "records",
+    "scale_heap_sample",
+    "set_memory_profile_rate",
+    "stats",
+    "unavailable_reason",
+]
+
+log = logging.getLogger("asgi_pprof")
+
+DEFAULT_RATE = 512 * 1024
+"""Go's default ``runtime.MemProfileRate``: one sample per 512 KiB allocated, on average."""
+
+ON_BY_DEFAULT = False
+"""Whether importing asgi_pprof starts sampling at :data:`DEFAULT_RATE` (Go: always on).
+
+Off until the benchmark (bench/bench_memsample.py) shows the cost is within Go's
+"minimal overhead" on the reference app; flip this one constant to turn it on."""
+
+ENV_NO_NATIVE = "ASGI_PPROF_NO_NATIVE"
+ENV_RATE = "ASGI_PPROF_MEMORY_PROFILE_RATE"
+MAX_RATE = 1 << 62
+
+SAMPLE_TYPES = [
+    ValueType("alloc_objects", "count"),
+    ValueType("alloc_space", "bytes"),
+    ValueType("inuse_objects", "count"),
+    ValueType("inuse_space", "bytes"),
+]
+PERIOD_TYPE = ValueType("space", "bytes")
+
+_CHUNK = 2048
+"""Buckets read per native call: each call holds the GIL, so keep it short."""
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def _load() -> tuple[types.ModuleType | None, str]:
+    """Return the extension module (or None) and, if None, why."""
+    if os.environ.get(ENV_NO_NATIVE, "") not in ("", "0"):
+        return None, f"{ENV_NO_NATIVE} is set"
+    if platform.python_implementation() != "CPython":
+        return None, f"{platform.python_implementation()} is not CPython"
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None, "the free-threaded build is not supported"
+    try:
+        from . import _memsample
+    except ImportError as exc:
+        return None, f"the native extension is not available ({exc})"
+    return _memsample, ""
+
+
+_native, _reason = _load()
+_lock = threading.Lock()
+_warned = False
+_requested = 0
+_started_ns = 0
+
+
+def available() -> bool:
+    """Return True when the native sampler is loaded (else heap/allocs use tracemalloc)."""
+    return _native is not None
+
+
+def unavailable_reason() -> str:
+    """Return why the native sampler is not loaded ("" when it is)."""
+    return _reason
+
+
+def _note_fallback() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(
+            "asgi_pprof: sampled memory profiling is unavailable (%s); heap and allocs "
+            "come from tracemalloc",
+            _reason,
+        )
+
+
+def _check_rate(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"memory profile rate must be an int, not {type(n).__name__}")
+    if not 0 <= n <= MAX_RATE:
+        raise ValueError(f"memory profile rate must be between 0 and 2**62 bytes, got {n}")
+    return n
+
+
+def set_memory_profile_rate(n: int) -> int:
+    """Set Go's ``runtime.MemProfileRate``: sample about one allocation per ``n`` bytes.
+
+    0 turns sampling off (the profile keeps what it has, and frees of sampled blocks are
+    still seen), 1 samples every allocation (slow: a stack per allocation). Returns
+    the previous rate. Only allocations made after sampling starts are seen. Without
+    the native extension this logs once and returns 0 (heap/allocs use tracemalloc).
+    """
+    global _requested, _started_ns
+    n = _check_rate(n)
+    with _lock:
+        _requested = n
+        if _native is None:
+            if n:
+                _note_fallback()
+            return 0
+        prev = int(_native.set_rate(n))
+        if n and not _started_ns:
+            _started_ns = time.time_ns()
+        _wrap_tracemalloc_stop()
+        return prev
+
+
+def memory_profile_rate() -> int:
+    """Return the sampling rate in bytes (0: off, or the native sampler is unavailable)."""
+    return int(_native.get_rate()) if _native is not None else 0
+
+
+def stats() -> dict[str, int]:
+    """Return the native sampler's counters (samples, live, buckets, table_bytes, ...)."""
+    return dict(_native.stats()) if _native is not None else {}
+
+
+def _rehook() -> None:
+    """Put our hooks back where someone removed them (tracemalloc.stop restores its own)."""
+    if _native is not None and _native.rehook():
+        log.info("asgi_pprof: memory sampler hooks were displaced; put back")
+
+
+# tracemalloc.stop() restores the allocator tracemalloc found when it started. If that
+# was before our hooks went on, stop() drops ours: put them back at once, so no
+# allocation or free goes unseen. (A stop through _tracemalloc directly is caught at the
+# next profile read.) tracemalloc started after us stacks on top and needs nothing.
+_original_stop: Callable[[], None] | None = None
+
+
+def _wrap_tracemalloc_stop() -> None:
+    global _original_stop
+    if _original_stop is not None:
+        return
+    original = tracemalloc.stop
+    _original_stop = original
+
+    @functools.wraps(original)
+    def stop() -> None:
+        original()
+        _rehook()
+
+    tracemalloc.stop = stop
+
+
+# --- reading the table --------------------------------------------------------------------
+
+
+class Record:
+    """One native bucket: a stack, the requested size, the rate it was sampled at, raw counts."""
+
+    __slots__ = ("alloc_bytes", "allocs", "free_bytes", "frees", "rate", "size", "stack")
+
+    def __init__(
+        self,
+        stack: Stack,
+        size: int,
+        rate: int,
+        allocs: int,
+        alloc_bytes: int,
+        frees: int,
+        free_bytes: int,
+    ) -> None:
+        self.stack = stack
+        self.size = size
+        self.rate = rate
+        self.allocs = allocs
+        self.alloc_bytes = alloc_bytes
+        self.frees = frees
+        self.free_bytes = free_bytes
+
+
+_OVERFLOW = (Frame("asgi_pprof.<memory profile stack table full>", "", 0, 0),)
+_stacks: dict[int, Stack] = {}
+_stacks_generation = -1
+
+
+def _stack(native: Any, sid: int, generation: int) -> Stack:
+    global _stacks_generation
+    if generation != _stacks_generation:
+        _stacks.clear()
+        _stacks_generation = generation
+    st = _stacks.get(sid)
+    if st is None:
+        raw = native.stack(sid)
+        if raw is None:
+            st = _OVERFLOW
+        else:
+            # Named exactly as the CPU profile names a live frame (model.frame_of).
+            st = tuple(
+                Frame(function_name(code, mod), code.co_filename, code.co_firstlineno, line)
+                for code, mod, line in raw
+            )
+        _stacks[sid] = st
+    return st
+
+
+def records() -> list[Record]:
+    """Return every bucket of the table (raw counts), read in short native calls."""
+    if _native is None:
+        return []
+    _rehook()
+    native = _native
+    generation = native.stats()["generation"]
+    out: list[Record] = []
+    start = 0
+    while True:
+        chunk = native.buckets(start, _CHUNK)
+        for sid, size, rate, allocs, alloc_bytes, frees, free_bytes in chunk:
+            st = _stack(native, sid, generation)
+            out.append(Record(st, size, rate, allocs, alloc_bytes, frees, free_bytes))
+        if len(chunk) < _CHUNK:
+            return out
+        start += _CHUNK
+
+
+def scale_heap_sample(count: int, size: int, rate: int) -> tuple[int, int]:
+    """Return Go's unsampled estimate of a (count, bytes) pair sampled at ``rate``.
+
+    As ``runtime/pprof.scaleHeapSample``: no scaling when either is 0 or ``rate <= 1``.
+    """
+    if count == 0 or size == 0:
+        return 0, 0
+    if rate <= 1:
+        return count, size
+    avg = size / count
+    scale = 1 / (1 - math.exp(-avg / rate))
+    return int(count * scale), int(size * scale)
+
+
+def source_comment(rate: int) -> str:
+    """Return the comment that says which source answered (proto comment, text trailer)."""
+    return (
+        f"source: sampled allocations (asgi_pprof._memsample), rate {rate} bytes "
+        "(Go's MemProfileRate); RAW-domain allocations are not seen"
+    )
+
+
+def profile_data(default_sample_type: str) -> ProfileData:
+    """Return the heap profile now: Go's four sample types, period = the current rate.
+
+    Cumulative since sampling started (``alloc_*`` only grow), so scrapers' diffs work.
+    One sample per (stack, requested size) with Go's ``bytes`` label; buckets sampled at
+    an earlier rate are scaled with their own rate.
+    """
+    rate = memory_profile_rate()
+    samples = []
+    for r in records():
+        ao, ab = scale_heap_sample(r.allocs, r.alloc_bytes, r.rate)
+        io, ib = scale_heap_sample(r.allocs - r.frees, r.alloc_bytes - r.free_bytes, r.rate)
+        labels = (("bytes", r.size, ""),) if r.size else ()
+        samples.append(Sample(r.stack, [ao, ab, io, ib], num_labels=labels))
+    return ProfileData(
+        sample_types=list(SAMPLE_TYPES),
+        period_type=PERIOD_TYPE,
+        period=rate,
+        samples=samples,
+        time_nanos=time.time_ns(),
+        default_sample_type=default_sample_type,
+        comments=[source_comment(rate)],
+    )
+
+
+def _from_env() -> None:
+    word = os.environ.get(ENV_RATE, "").strip()
+    if word:
+        try:
+            n = _check_rate(int(word))
+        except (TypeError, ValueError):
+            log.warning("asgi_pprof: ignoring %s=%r: not a rate in bytes >= 0", ENV_RATE, word)
+            return
+        set_memory_profile_rate(n)
+    elif ON_BY_DEFAULT and _native is not None:
+        set_memory_profile_rate(DEFAULT_RATE)
+
+
+_from_env()
