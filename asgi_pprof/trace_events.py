@@ -45,7 +45,9 @@ __all__ = [
 
 # Record kinds (the first item of every raw record).
 STEP = 0
-"""``(STEP, ident, t0, t1, loop_id, what, task_name)``: one callback or task step ran."""
+"""``(STEP, loop_id, t0, t1, what, task_name, request)``: one callback or task step ran on
+the loop (whose thread is its ``LoopInfo.ident``); ``request`` numbers the HTTP request a
+task serves (see ``RawTrace.request_labels``), or None."""
 SAMPLE = 1
 """``[SAMPLE, ident, t_first, t_last, codes, seq]``: a thread's stack (leaf first), as
 seen from ``t_first`` to ``t_last`` (within one loop step when inside one); ``codes == ()``
@@ -53,9 +55,9 @@ marks the thread gone."""
 GC = 2
 """``(GC, ident, t0, t1, generation, collected, uncollectable)``: one collection."""
 NEW = 3
-"""``[NEW, ident, t, loop_id, task_name, code, task_id, None]``: a task was created."""
+"""``[NEW, ident, t, loop_id, task_name, code, task_id, None, request]``: a task was created."""
 DONE = 4
-"""``(DONE, ident, t, loop_id, task_name, code, state, task_id)``: a task finished."""
+"""``(DONE, ident, t, loop_id, task_name, code, state, task_id, request)``: a task finished."""
 
 _SYNTHETIC_TID = 1_000_000_000
 """Synthetic track ids start here: above any Linux thread id (pid_max <= 2**22)."""
@@ -100,6 +102,8 @@ class RawTrace:
     """Records not kept after the limit was reached."""
     ended_early: bool = False
     notes: list[str] = field(default_factory=list)
+    request_labels: dict[int, str] = field(default_factory=dict)
+    """``request number -> "GET /items/{item_id}"`` of the HTTP requests tasks served."""
 
 
 class _Names:
@@ -300,8 +304,9 @@ def _loop_track(
             if lo <= hi and s[3] >= seen0:
                 pieces.setdefault(j, []).append((lo, hi, inner))
             j += 1
+    labels = raw.request_labels
     for j, s in enumerate(loop_steps):
-        _, _, t0, t1, loop_id, what, task_name = s
+        _, loop_id, t0, t1, what, task_name, req = s
         name = names.what(what)
         args: dict[str, Any] = {"callback" if task_name is None else "coro": name}
         if task_name is not None:
@@ -309,7 +314,14 @@ def _loop_track(
         if isinstance(what, types.CodeType):
             args["file"], args["line"] = what.co_filename, what.co_firstlineno
         slow_ns = slow.get(loop_id, 100_000_000)
-        label = name if task_name is None else f"{task_name} {name}"
+        request = labels.get(req) if req is not None else None
+        if request is not None:
+            # A server's request task: named after the request, so that viewers which
+            # group slices by name group them by route (the task's name is one per request).
+            args["request"] = request
+            label = request
+        else:
+            label = name if task_name is None else f"{task_name} {name}"
         if t1 - t0 >= slow_ns:
             # Constant per loop, so viewers that merge slices by name and args still do.
             args["slow"] = f"held the loop >= {slow_ns / 1e6:g} ms (slow_callback_duration)"
@@ -347,6 +359,10 @@ def _task_tracks(
         args: dict[str, Any] = {"task": r[4], "coro": coro}
         if kind == DONE:
             args["state"] = r[6]
+        request = raw.request_labels.get(r[8]) if r[8] is not None else None
+        if request is not None:
+            args["request"] = request
+            coro = f"{coro} · {request}"
         ts = _us(t, raw.start_ns)
         verb = "created" if kind == NEW else "done"
         out.append(
@@ -425,9 +441,10 @@ def events(raw: RawTrace) -> tuple[list[dict[str, Any]], list[Timed], dict[str, 
     pid = os.getpid()
     names = _Names()
     steps: dict[int, list[tuple[Any, ...]]] = {}
+    ident_of = {li.loop_id: li.ident for li in raw.loops}
     for r in raw.records:
         if r[0] == STEP:
-            steps.setdefault(r[1], []).append(r)
+            steps.setdefault(ident_of.get(r[1], 0), []).append(r)
     evs: list[Timed] = []
     meta: list[dict[str, Any]] = []
     loops_of = {li.ident: li for li in raw.loops}

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .concurrency import THREAD_PREFIX, run_in_thread
 from .profiles import ProfileError
 from .trace_events import DONE, GC, NEW, SAMPLE, STEP, LoopInfo, RawTrace, render
+from .trace_routes import Requests
 
 if TYPE_CHECKING:
     from .concurrency import Window
@@ -52,11 +53,16 @@ _get_ident = threading.get_ident
 _lock = threading.Lock()
 _active: _Recorder | None = None
 """The running capture, read by the step hook on every loop of the process."""
-_original_run: Callable[[asyncio.Handle], None] | None = None
+_original_run: Callable[[asyncio.Handle], None] = asyncio.Handle.__dict__["_run"]
+"""What ``Handle._run`` was before the capture replaced it."""
 
 _TASK_TYPES: tuple[type, ...] = tuple(
     t for t in (asyncio.Task, getattr(asyncio.tasks, "_PyTask", None)) if isinstance(t, type)
 )
+_TASK_TYPE_SET = frozenset(_TASK_TYPES)
+_FunctionType = types.FunctionType
+_MethodType = types.MethodType
+_BuiltinType = types.BuiltinMethodType
 _FACTORY_RENAMES = (3, 13, 0) <= sys.version_info[:3] < (3, 13, 3)
 """On 3.13.0-3.13.2 ``BaseEventLoop.create_task`` calls ``task.set_name(name)`` after any
 custom task factory, even when no name was given: the task becomes ``"None"`` (CPython
@@ -74,20 +80,88 @@ def is_capturing() -> bool:
 
 
 def _run_step(self: asyncio.Handle) -> None:
-    """Replaces ``asyncio.Handle._run`` during a capture: run the step, then record it."""
-    run = _original_run
-    assert run is not None  # installed only after _original_run is set
+    """Replaces ``asyncio.Handle._run`` during a capture: run the step, then record it.
+
+    The hottest code of a capture (once per step of every loop): one flat function, no
+    further Python calls on the common paths (a task's step, a bound method, a function).
+    """
     rec = _active
     if rec is None:
-        run(self)
+        _original_run(self)
         return
     if rec.renamed:
         rec.unrename(self)
     t0 = _now()
     try:
-        run(self)
+        _original_run(self)
     finally:
-        rec.step(self, t0, _now())
+        t1 = rec.step_end = _now()  # the sampler sees that a step ended (see _sample_once)
+        records = rec.records
+        if len(records) < rec.limit:
+            loop = self._loop  # type: ignore[attr-defined]
+            if loop is not rec.last_loop:
+                rec.see_loop(loop)
+            cb = self._callback  # type: ignore[attr-defined]
+            tp = type(cb)
+            owner = None if tp is _FunctionType else getattr(cb, "__self__", None)
+            if owner is not None and (
+                type(owner) in _TASK_TYPE_SET or isinstance(owner, _TASK_TYPES)
+            ):
+                # A task's step (its __step or __wakeup): name it after the task's coroutine.
+                name = owner.get_name()
+                coro = owner.get_coro()
+                code = getattr(coro, "cr_code", None) or _code_of(coro)
+                req = rec.request_of.get(id(owner))
+                records.append((STEP, id(loop), t0, t1, code, name, req))
+                if owner.done():  # the step that finished it (one record past the limit at most)
+                    state = _task_state(owner)
+                    ident = _get_ident()
+                    records.append((DONE, ident, t1, id(loop), name, code, state, id(owner), req))
+                    if req is not None:
+                        rec.requests.finished(req)
+            else:
+                # Keep a code object or a name, never the callback: a record must not keep an
+                # object alive, and a tuple of untracked items leaves the garbage collector's
+                # lists at its first pass (a function would keep it there, making every full
+                # collection during the capture longer).
+                if tp is _FunctionType:
+                    what: object = cb.__code__
+                elif tp is _MethodType:
+                    what = getattr(cb.__func__, "__code__", None) or _callback_name(cb)
+                elif tp is _BuiltinType and owner is not None:  # e.g. set.discard
+                    what = _builtin_names.get((type(owner), cb.__name__)) or _callback_name(cb)
+                else:
+                    what = _callback_name(cb)
+                records.append((STEP, id(loop), t0, t1, what, None, None))
+        else:
+            rec.full(t0)
+
+
+_builtin_names: dict[tuple[type, str], str] = {}
+
+
+def _callback_name(cb: object) -> types.CodeType | str:
+    """Return the code object or the name of a callback that is not a plain function."""
+    while isinstance(cb, functools.partial):
+        cb = cb.func
+    code = getattr(getattr(cb, "__func__", cb), "__code__", None)
+    if isinstance(code, types.CodeType):
+        return code
+    owner = getattr(cb, "__self__", None)
+    method = getattr(cb, "__name__", None)
+    if owner is not None and isinstance(method, str):
+        # A builtin method, e.g. set.discard, Future.set_result: its __qualname__ is built
+        # anew on every read; the owner's type and the name make the same text once.
+        key = (type(owner), method)
+        name = _builtin_names.get(key)
+        if name is None:
+            qual = getattr(cb, "__qualname__", None)
+            name = qual if isinstance(qual, str) else f"{type(owner).__qualname__}.{method}"
+            if len(_builtin_names) < 10_000:
+                _builtin_names[key] = name
+        return name
+    qual = getattr(cb, "__qualname__", None)
+    return qual if isinstance(qual, str) else type(cb).__qualname__
 
 
 def _code_of(coro: object) -> types.CodeType | None:
@@ -97,9 +171,14 @@ def _code_of(coro: object) -> types.CodeType | None:
 
 
 def _task_state(task: asyncio.Future[Any]) -> str:
+    """Return how a finished task ended, without retrieving its exception.
+
+    ``Task.exception()`` would mark the exception retrieved, and asyncio would no longer
+    log "Task exception was never retrieved" for it: the trace must not change that.
+    """
     if task.cancelled():
         return "cancelled"
-    return "exception" if task.exception() is not None else "result"
+    return "exception" if getattr(task, "_exception", None) is not None else "result"
 
 
 class _Recorder:
@@ -110,11 +189,17 @@ class _Recorder:
         self.limit = options.trace_max_events
         self.hz = options.trace_sample_hz
         self.records: list[Any] = []
-        self.steps_done = 0
+        self.created: list[list[Any]] = []
+        """The NEW records (their names are read again when the capture ends)."""
+        self.step_end = 0
+        """When the last loop step ended (``perf_counter_ns``), written by the step hook."""
         self.renamed: dict[asyncio.Task[Any], str] = {}
         self.truncated_ns: int | None = None
         self.dropped = 0
         self.loops: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
+        self.last_loop: object = None
+        self.requests = Requests()
+        self.request_of = self.requests.of_task  # read by the step hook on every task step
         self.steps_visible = isinstance(loop, asyncio.BaseEventLoop)
         self.tasks_at_start = len(asyncio.all_tasks(loop))
         self.threads: dict[int, tuple[int | None, str]] = {}
@@ -123,13 +208,15 @@ class _Recorder:
         self._watched: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
+        self.loop_ident = _get_ident()  # made on the loop's thread
         self.start_ns = _now()
         self.wall_start = time.time()
         self.end_ns = self.start_ns
 
     # --- the bound --------------------------------------------------------------------
 
-    def _full(self, t: int) -> bool:
+    def full(self, t: int) -> bool:
+        """Return True (and count a dropped record) once the capture holds ``limit`` records."""
         if len(self.records) < self.limit:
             return False
         if self.truncated_ns is None:
@@ -139,41 +226,11 @@ class _Recorder:
 
     # --- hooks ------------------------------------------------------------------------
 
-    def step(self, handle: asyncio.Handle, t0: int, t1: int) -> None:
-        """Record one loop step (called by :func:`_run_step` in the loop's thread).
-
-        The hottest code of a capture (once per step of every loop): kept flat.
-        """
-        self.steps_done += 1  # tells the sampler a step ended (see _sample_once)
-        records = self.records
-        if len(records) >= self.limit:
-            self._full(t0)
-            return
-        ident = _get_ident()
-        loop_id = id(handle._loop)  # type: ignore[attr-defined]
-        if loop_id not in self.loops:
-            self.loops[loop_id] = (handle._loop, ident)  # type: ignore[attr-defined]
-        cb = handle._callback  # type: ignore[attr-defined]
-        owner = getattr(cb, "__self__", None)
-        if isinstance(owner, _TASK_TYPES):
-            task = cast("asyncio.Task[Any]", owner)
-            name = task.get_name()
-            coro = task.get_coro()
-            code = getattr(coro, "cr_code", None) or _code_of(coro)
-            records.append((STEP, ident, t0, t1, loop_id, code, name))
-            if task.done():  # the step that finished it (one record past the limit at most)
-                records.append((DONE, ident, t1, loop_id, name, code, _task_state(task), id(task)))
-            return
-        while isinstance(cb, functools.partial):
-            cb = cb.func
-        # Keep a code object or a name, never the callback: a record must not keep an
-        # object alive, and a tuple of untracked items leaves the garbage collector's
-        # lists at its first pass (a function would keep it there, making every full
-        # collection during the capture longer).
-        what = getattr(getattr(cb, "__func__", cb), "__code__", None)
-        if what is None:  # a builtin, e.g. Future.set_result
-            what = getattr(cb, "__qualname__", None) or type(cb).__qualname__
-        records.append((STEP, ident, t0, t1, loop_id, what, None))
+    def see_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Remember a loop seen running a step (called by the step hook, in its thread)."""
+        self.last_loop = loop
+        if id(loop) not in self.loops:
+            self.loops[id(loop)] = (loop, _get_ident())
 
     def on_gc(self, phase: str, info: dict[str, int]) -> None:
         """Record one collection (a ``gc.callbacks`` entry)."""
@@ -181,7 +238,7 @@ class _Recorder:
         if phase == "start":
             self._gc_t0 = t
             return
-        if self._full(t):
+        if self.full(t):
             return
         self.records.append(
             (
@@ -215,13 +272,15 @@ class _Recorder:
         if _FACTORY_RENAMES and "name" not in kwargs and isinstance(loop, asyncio.BaseEventLoop):
             self.renamed[task] = task.get_name()
         t = _now()
-        if not self._full(t):
+        if not self.full(t):
             code = _code_of(coro)
+            req = self.requests.task_created(task, coro, code)
             # The name may still change (3.11/3.12 set it after the factory returns):
             # keep a weak reference and read the name again when the capture stops.
-            self.records.append(
-                [NEW, _get_ident(), t, id(loop), task.get_name(), code, id(task), weakref.ref(task)]
-            )
+            record = [NEW, _get_ident(), t, id(loop), task.get_name(), code, id(task)]
+            record += [weakref.ref(task), req]
+            self.records.append(record)
+            self.created.append(record)
             if task.done():
                 self._on_done(task)
             elif not self.steps_visible:
@@ -242,7 +301,10 @@ class _Recorder:
         if _active is not self:
             return
         t = _now()
-        if self._full(t):
+        req = self.request_of.get(id(task))
+        if req is not None:
+            self.requests.finished(req)
+        if self.full(t):
             return
         get_name = getattr(task, "get_name", None)
         name = get_name() if get_name is not None else "?"
@@ -257,6 +319,7 @@ class _Recorder:
                 _code_of(coro),
                 _task_state(task),
                 id(task),
+                req,
             )
         )
 
@@ -302,7 +365,7 @@ class _Recorder:
         """
         frames = sys._current_frames()
         t = _now()
-        steps_done = self.steps_done
+        steps_done = self.step_end
         step_code = _run_step.__code__
         # Our own frame is in there too, and it holds `frames`: drop it, or every sample
         # leaves a reference cycle for the garbage collector.
@@ -329,7 +392,7 @@ class _Recorder:
                 cur[3] = t
                 cur[5] = steps_done
                 continue
-            if self._full(t):
+            if self.full(t):
                 continue
             cur = [SAMPLE, ident, t, t, stack, steps_done]
             records.append(cur)
@@ -337,7 +400,7 @@ class _Recorder:
         for ident in [i for i in current if i not in frames]:
             # The thread ended: close its flame chart here.
             del current[ident]
-            if not self._full(t):
+            if not self.full(t):
                 records.append([SAMPLE, ident, t, t, (), steps_done])
         frames.clear()
 
@@ -367,15 +430,19 @@ class _Recorder:
         self._sampler.start()
 
     def uninstall(self) -> None:
-        """Put back everything :meth:`install` changed, stop the sampler, read late names."""
+        """Put back everything :meth:`install` changed and stop the sampler, at once.
+
+        Synchronous and cheap (it runs on the loop, also when the client has left): what
+        is only needed to write the trace waits for :meth:`raw`.
+        """
         global _active
         self.end_ns = _now()
         _active = None
         self._stop.set()
         try:
-            if asyncio.Handle.__dict__.get("_run") is _run_step and _original_run is not None:
+            if asyncio.Handle.__dict__.get("_run") is _run_step:
                 asyncio.Handle._run = _original_run  # type: ignore[method-assign, assignment]
-            elif _original_run is not None:
+            else:
                 log.warning("asgi_pprof: asyncio.Handle._run was replaced during a trace")
         finally:
             with contextlib.suppress(ValueError):
@@ -393,19 +460,29 @@ class _Recorder:
             if task.get_name() == "None":
                 task.set_name(name)
         self.renamed = {}
+        # Labels come from the scopes of requests still running: read them now, on the
+        # loop's thread, while nothing else changes them.
+        self.requests.finish_all()
         self._refresh_threads()
-        for r in self.records:
-            if r[0] == NEW:
-                task = r[7]()
-                if task is not None:
-                    r[4] = task.get_name()
-                r[7] = None
+
+    def discard(self) -> None:
+        """Drop everything recorded (the client left: nothing will be written)."""
+        self.records = []
+        self.created = []
+        self.loops = {}
+        self.requests = Requests()
 
     def raw(self, ended_early: bool) -> RawTrace:
-        """Return the records as a :class:`RawTrace` (call after :meth:`uninstall`)."""
+        """Return the records as a :class:`RawTrace` (after :meth:`uninstall`; any thread)."""
+        for r in self.created:  # the names tasks were given after their factory ran
+            task = r[7]()
+            if task is not None:
+                r[4] = task.get_name()
+            r[7] = None
+        self.created = []
         loops: list[LoopInfo] = []
         seen = dict(self.loops)
-        seen.setdefault(id(self.loop), (self.loop, _get_ident()))
+        seen.setdefault(id(self.loop), (self.loop, self.loop_ident))
         notes = []
         for loop_id, (loop, ident) in seen.items():
             visible = isinstance(loop, asyncio.BaseEventLoop)
@@ -427,14 +504,6 @@ class _Recorder:
                 "Task creation is tracked on the loop that served the trace request only; "
                 "other loops show steps and task completion."
             )
-        skip = frozenset(
-            c
-            for c in (
-                getattr(_original_run, "__code__", None),
-                _Recorder.step.__code__,
-            )
-            if isinstance(c, types.CodeType)
-        )
         raw = RawTrace(
             start_ns=self.start_ns,
             end_ns=self.end_ns,
@@ -443,13 +512,18 @@ class _Recorder:
             max_events=self.limit,
             records=self.records,
             step_code=_run_step.__code__,
-            skip_codes=skip,
+            skip_codes=frozenset(
+                c
+                for c in (getattr(_original_run, "__code__", None),)
+                if isinstance(c, types.CodeType)
+            ),
             threads=dict(self.threads),
             loops=loops,
             truncated_ns=self.truncated_ns,
             dropped=self.dropped,
             ended_early=ended_early,
             notes=notes,
+            request_labels=self.requests.labels,
         )
         self.records = []
         self.loops = {}
@@ -459,20 +533,33 @@ class _Recorder:
 async def capture(seconds: float, window: Window, options: Options) -> bytes:
     """Return a trace of the next ``seconds`` as Chrome Trace Event Format JSON.
 
-    Raises :class:`ProfileError` 500 with Go's text when a trace is already running,
-    and 500 ``context canceled`` when the client disconnects (the capture ends then).
+    Raises :class:`ProfileError` 500 with Go's text when a trace is already running, and
+    500 ``context canceled`` when the window says the client left. The hooks and the
+    sampler are removed the moment the window ends, however it ends (its wait may also
+    be cancelled); the trace is written, off the loop, only for a client still there.
+    When the window ends early (the server shuts down) the trace holds what was
+    captured and says so.
     """
     if not _lock.acquire(blocking=False):
         raise ProfileError(500, BUSY)
     try:
         rec = _Recorder(asyncio.get_running_loop(), options)
+        t0 = time.monotonic()
+        completed = False
         try:
             rec.install()
             completed = await window.wait(seconds)
         finally:
             rec.uninstall()
+            if not completed:
+                rec.discard()
         if not completed:
             raise ProfileError(500, "context canceled")
-        return await run_in_thread(render, rec.raw(ended_early=False))
+        early = time.monotonic() - t0 < seconds - 0.01
+        return await run_in_thread(_write, rec, early)
     finally:
         _lock.release()
+
+
+def _write(rec: _Recorder, ended_early: bool) -> bytes:
+    return render(rec.raw(ended_early=ended_early))

@@ -1,0 +1,179 @@
+"""Which HTTP request a loop step serves: ``GET /items/{item_id}`` from the ASGI scope.
+
+Every request an ASGI server handles is one task whose coroutine was called with the
+request's scope (``app(scope, receive, send)``), or with an object that holds it
+(uvicorn: ``RequestResponseCycle.run_asgi(self, app)``, ``self.scope``). The trace's task
+factory sees each task before its first step: its coroutine has not started, so its
+frame's locals are exactly its arguments. :func:`find_scope` looks there, once per task,
+and only while a coroutine's code keeps yielding scopes (:class:`Requests` remembers
+codes that do not). No server or framework internals are read: only the ASGI scope,
+which routing fills in place (Starlette and FastAPI set ``route``, ``endpoint`` and
+``path_params`` in the scope they were given).
+
+The label is computed when the request's task finishes (or when the capture ends), from
+the path with its path parameters put back as ``{name}``: ``/items/42`` routed with
+``path_params={"item_id": 42}`` is ``/items/{item_id}``, mounts included. Paths that no
+route matched would make one label per URL (a scanner): at most ``MAX_UNROUTED`` of them
+are kept, then they share one label; the total is bounded by ``MAX_LABELS``.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+__all__ = ["MAX_LABELS", "MAX_UNROUTED", "Requests", "find_scope", "template"]
+
+MAX_LABELS = 500
+"""Most distinct request labels one trace keeps."""
+MAX_UNROUTED = 50
+"""Most distinct labels of requests no route matched (their label is their path)."""
+
+_KINDS = frozenset({"http", "websocket"})
+
+
+def _is_scope(value: object) -> bool:
+    return type(value) is dict and value.get("type") in _KINDS and "path" in value
+
+
+def _instance_dict(value: object) -> dict[str, Any] | None:
+    # Plain instance attributes only: no getattr, so no property or __getattr__ runs.
+    try:
+        d = object.__getattribute__(value, "__dict__")
+    except (AttributeError, TypeError):
+        return None
+    return d if type(d) is dict else None
+
+
+def find_scope(coro: object) -> dict[str, Any] | None:
+    """Return the ASGI http/websocket scope a not yet started coroutine was called with.
+
+    Looks at the coroutine's arguments and at the plain attributes (``scope``) of its
+    arguments; None when there is none.
+    """
+    frame = getattr(coro, "cr_frame", None)
+    if not isinstance(frame, types.FrameType):
+        return None
+    for value in frame.f_locals.values():
+        if _is_scope(value):
+            return value  # type: ignore[no-any-return]
+        attrs = _instance_dict(value)
+        if attrs is not None:
+            scope = attrs.get("scope")
+            if _is_scope(scope):
+                return scope
+    return None
+
+
+def template(path: str, params: object) -> str:
+    """Return ``path`` with each path parameter's value replaced by ``{name}``.
+
+    ``/users/7/items/42`` with ``{"user": 7, "item_id": 42}`` is
+    ``/users/{user}/items/{item_id}``. A value is replaced only where it is whole path
+    segments, the rightmost such place first (routes put parameters after fixed parts).
+    """
+    if type(params) is not dict or not params:
+        return path
+    out = path
+    for name, value in reversed(params.items()):
+        text = str(value)
+        if not text:
+            continue
+        end = len(out)
+        while True:
+            at = out.rfind(text, 0, end)
+            if at < 0:
+                break
+            stop = at + len(text)
+            if (at == 0 or out[at - 1] == "/") and (stop == len(out) or out[stop] == "/"):
+                out = f"{out[:at]}{{{name}}}{out[stop:]}"
+                break
+            end = at + len(text) - 1
+            if end <= 0:
+                break
+    return out
+
+
+def _mount_template(scope: dict[str, Any]) -> str | None:
+    """Return ``<mount prefix>/{path}`` when the matched route is a mount of a plain app."""
+    route = scope.get("route")
+    if route is None or type(route).__name__ not in ("Mount", "Host"):
+        return None
+    root = scope.get("root_path")
+    if not isinstance(root, str):
+        return None
+    return template(root, scope.get("path_params")) + "/{path}"
+
+
+class Requests:
+    """One capture's requests: task -> request number, and each request's label.
+
+    Used on the loop's thread only (the task factory and the step hook).
+    """
+
+    def __init__(self) -> None:
+        self.of_task: dict[int, int] = {}
+        """``id(task) -> request number`` for live request tasks."""
+        self.labels: dict[int, str] = {}
+        """``request number -> label``, once the request finished or the capture ended."""
+        self._scopes: dict[int, dict[str, Any]] = {}
+        self._codes: dict[types.CodeType, bool] = {}
+        self._distinct: set[str] = set()
+        self._unrouted = 0
+        self._next = 1
+
+    def task_created(self, task: object, coro: object, code: types.CodeType | None) -> int | None:
+        """Return the request number of a new task, None when it serves no request."""
+        key = id(task)
+        if code is None or self._codes.get(code) is False:
+            self.of_task.pop(key, None)  # an id of a task gone before it finished
+            return None
+        scope = find_scope(coro)
+        if scope is None:
+            if code not in self._codes:
+                self._codes[code] = False  # this coroutine is not a server's request
+            self.of_task.pop(key, None)
+            return None
+        self._codes[code] = True
+        n = self._next
+        self._next += 1
+        self.of_task[key] = n
+        self._scopes[n] = scope
+        return n
+
+    def finished(self, n: int) -> None:
+        """Compute the label of request ``n`` (its task finished) and forget its scope."""
+        scope = self._scopes.pop(n, None)
+        if scope is not None:
+            self.labels[n] = self.label(scope)
+
+    def finish_all(self) -> None:
+        """Label every request still running (the capture ends)."""
+        for n in list(self._scopes):
+            self.finished(n)
+        self.of_task = {}
+        self._codes = {}
+
+    def label(self, scope: dict[str, Any]) -> str:
+        """Return ``METHOD /route/{param}`` for a scope, bounded in number (see the module)."""
+        method = scope.get("method")
+        if not isinstance(method, str):
+            method = "WEBSOCKET" if scope.get("type") == "websocket" else "?"
+        path = scope.get("path")
+        if not isinstance(path, str):
+            path = "?"
+        routed = "endpoint" in scope or "route" in scope
+        tail = _mount_template(scope) if routed else None
+        if tail is None:
+            tail = template(path, scope.get("path_params")) if routed else path
+        text = f"{method} {tail}"
+        if text in self._distinct:
+            return text
+        if not routed:
+            if self._unrouted >= MAX_UNROUTED:
+                return f"{method} (a path no route matched)"
+            self._unrouted += 1
+        if len(self._distinct) >= MAX_LABELS:
+            return f"{method} (more routes than the trace labels)"
+        self._distinct.add(text)
+        return text
