@@ -95,12 +95,22 @@ def template(path: str, params: object) -> str:
 
 
 def _mount_template(scope: dict[str, Any]) -> str | None:
-    """Return ``<mount prefix>/{path}`` when the matched route is a mount of a plain app."""
+    """Return ``<mount prefix>/{path}`` when the request went to a mounted plain ASGI app.
+
+    Routers record the route they matched (Starlette: ``scope["route"]``, a ``Mount`` for a
+    mounted app; FastAPI only for its own routes); a mount also moves its prefix into
+    ``root_path``. Whatever path follows the prefix is the mounted app's business, one
+    label per URL if kept: it becomes ``{path}``.
+    """
     route = scope.get("route")
-    if route is None or type(route).__name__ not in ("Mount", "Host"):
+    if route is not None and type(route).__name__ not in ("Mount", "Host"):
         return None
     root = scope.get("root_path")
-    if not isinstance(root, str):
+    top = scope.get("app_root_path", "")
+    path = scope.get("path")
+    if not isinstance(root, str) or not isinstance(path, str) or root == top:
+        return None
+    if not path.startswith(root) or len(path) <= len(root) + 1:
         return None
     return template(root, scope.get("path_params")) + "/{path}"
 

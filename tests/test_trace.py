@@ -705,3 +705,112 @@ async def test_capture_refuses_while_busy_without_touching_the_running_one() -> 
     assert (e.value.status, e.value.text) == (500, tracing.BUSY)
     assert tracing.is_capturing()
     check_format(json.loads(await loop_ok))
+
+
+# --- steps named after the request they serve -------------------------------------------------
+
+
+def test_template_puts_path_parameters_back() -> None:
+    from asgi_pprof.trace_routes import template
+
+    assert template("/items/42", {"item_id": 42}) == "/items/{item_id}"
+    assert template("/u/7/o/7", {"u": 7, "o": 7}) == "/u/{u}/o/{o}"
+    assert template("/f/a/b/c.txt", {"p": "a/b/c.txt"}) == "/f/{p}"
+    assert template("/v1/items/1", {"n": 1}) == "/v1/items/{n}"  # whole segments only
+    assert template("/x/12", {"n": 2}) == "/x/12"
+    assert template("/plain", {}) == "/plain"
+    assert template("/plain", None) == "/plain"
+
+
+def label_app() -> Any:
+    """A FastAPI app of the usual shape: routes with parameters, a router, a mounted app."""
+    fastapi = pytest.importorskip("fastapi")
+    app = fastapi.FastAPI()
+    api = fastapi.APIRouter()
+
+    @app.get("/items/{item_id}")
+    async def read_item(item_id: int) -> dict[str, int]:
+        trace_test_thread_spins(0.002)
+        await asyncio.sleep(0.001)  # more than one step
+        return {"item": item_id}
+
+    @api.post("/users/{uid}/orders/{oid}")
+    async def order(uid: int, oid: str) -> dict[str, str]:
+        return {"order": oid}
+
+    async def raw_app(scope: Any, receive: Any, send: Any) -> None:
+        await PlainTextResponse("raw")(scope, receive, send)
+
+    app.include_router(api, prefix="/api")
+    app.mount("/raw", raw_app)
+    app.mount("/debug/pprof", create_app())
+    return app
+
+
+def trace_while(url: str, seconds: float, work: Callable[[], None]) -> dict[str, Any]:
+    """Return the trace of ``seconds`` taken from ``url`` while ``work`` runs (once it runs)."""
+    out: dict[str, Any] = {}
+
+    def get() -> None:
+        out["r"] = httpx.get(f"{url}{TRACE}?seconds={seconds}", timeout=60)
+
+    th = threading.Thread(target=get)
+    th.start()
+    try:
+        _wait_for(tracing.is_capturing, 10)
+        work()
+    finally:
+        th.join(60)
+    r = out["r"]
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_request_steps_are_named_after_their_route(loop: str) -> None:
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    from asgi_pprof.trace_routes import MAX_UNROUTED
+
+    with ServerThread(label_app(), loop=loop) as server:
+
+        def work() -> None:
+            with httpx.Client(base_url=server.url, timeout=10) as c:
+                for i in (1, 2, 3):
+                    assert c.get(f"/items/{i}").status_code == 200
+                assert c.post("/api/users/7/orders/x9").status_code == 200
+                assert c.get("/raw/a/b").text == "raw"
+                for i in range(MAX_UNROUTED + 10):  # a scanner: one path each
+                    assert c.get(f"/nope-{i}").status_code == 404
+
+        doc = trace_while(server.url, 1.5, work)
+    events = check_format(doc)
+    want = {
+        "GET /items/{item_id}": 3,
+        "POST /api/users/{uid}/orders/{oid}": 1,
+        "GET /raw/{path}": 1,
+        "GET /nope-0": 1,
+    }
+    # On asyncio each request's steps are named after it; on uvloop (no steps) its task's
+    # creation and completion say which request it served.
+    done = [e for e in events if e.get("cat") == "asyncio.task.done" and "request" in e["args"]]
+    by_request: dict[str, int] = {}
+    for e in done:
+        by_request[e["args"]["request"]] = by_request.get(e["args"]["request"], 0) + 1
+        assert e["name"].endswith(" · " + e["args"]["request"]), e
+    for label, n in want.items():
+        assert by_request.get(label) == n, (label, sorted(by_request))
+    unrouted = {k for k in by_request if k.startswith("GET /nope-")}
+    assert len(unrouted) == MAX_UNROUTED, sorted(unrouted)
+    assert by_request["GET (a path no route matched)"] == 10
+    steps = [e for e in events if e.get("cat", "").startswith("asyncio.step")]
+    if loop == "uvloop":
+        assert not steps
+        return
+    named = [s for s in steps if s["name"] == "GET /items/{item_id}"]
+    assert len(named) >= 2 * 3, [s["name"] for s in steps][:50]  # >= 2 steps per request
+    assert all(s["args"]["request"] == s["name"] for s in named)
+    assert all(s["args"]["coro"].endswith(".run_asgi") for s in named)
+    # The route's work is nested in its steps.
+    spins = slices(events, "test_trace.trace_test_thread_spins")
+    assert all(any(inside(sp, st) for st in named) for sp in spins), spins
