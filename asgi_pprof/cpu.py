@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from .concurrency import Window, run_in_thread
-from .model import ProfileData, Sample, ValueType
+from .concurrency import Window, is_own_thread, run_in_thread
+from .model import Frame, ProfileData, Sample, Stack, ValueType
 from .sampler import Capture, get_sampler
 
 if TYPE_CHECKING:
@@ -15,11 +15,32 @@ if TYPE_CHECKING:
 __all__ = ["profile", "to_profile"]
 
 
+OWN_LABEL = ("profiler", "asgi_pprof")
+"""Label of samples taken in asgi_pprof's own threads: ``-tagignore=profiler=asgi_pprof``."""
+
+_C_LOOP = Frame("[uvloop]", "<C code of the event loop>", 0, 0)
+_RUN_ENTRIES = frozenset({"asyncio.runners.Runner.run", "asyncio.runners.run", "uvloop.run"})
+
+
+def _honest_leaf(stack: Stack) -> Stack:
+    """Return ``stack`` with a ``[uvloop]`` leaf where a C event loop was running.
+
+    uvloop's loop is C: a tick inside it (its poll, its callbacks' C parts) has the
+    Python frame that called ``run_until_complete`` as its innermost frame, which would
+    show as flat time on ``Runner.run``. asyncio's own loop is Python, so a leaf on those
+    entry points can only be a C loop.
+    """
+    if stack and stack[0].function in _RUN_ENTRIES:
+        return (_C_LOOP, *stack)
+    return stack
+
+
 def to_profile(cap: Capture) -> ProfileData:
     """Return Go's CPU profile of a finished capture: ``samples/count`` and ``cpu/nanoseconds``.
 
     ``cpu/nanoseconds`` is CPU time read from each thread's CPU clock (see ``Capture``);
-    each sample carries a ``thread`` label with the thread's name.
+    each sample carries a ``thread`` label with the thread's name, and samples of our own
+    threads also carry :data:`OWN_LABEL`.
     """
     end = cap.end_mono or time.monotonic()
     totals = cap.totals()
@@ -33,9 +54,9 @@ def to_profile(cap: Capture) -> ProfileData:
         cpu[thread] = cpu.get(thread, 0) + ns
     samples = [
         Sample(
-            stack=stack,
+            stack=_honest_leaf(stack),
             values=[n, n * cpu[thread] // ticks[thread]],
-            labels=(("thread", thread),),
+            labels=_labels(thread),
         )
         for (stack, thread), (n, _) in totals.items()
     ]
@@ -49,17 +70,26 @@ def to_profile(cap: Capture) -> ProfileData:
     )
 
 
-async def profile(seconds: float, window: Window, options: Options) -> ProfileData:
-    """Return the CPU profile of the next ``seconds`` (shorter if the client leaves).
+def _labels(thread: str) -> tuple[tuple[str, str], ...]:
+    if is_own_thread(thread):
+        return (OWN_LABEL, ("thread", thread))
+    return (("thread", thread),)
 
-    Waiting happens on the loop without blocking it; joining the sampler thread and
-    building the profile happen in a worker thread.
+
+async def profile(seconds: float, window: Window, options: Options) -> ProfileData | None:
+    """Return the CPU profile of the next ``seconds``, or None if the client left first.
+
+    Waiting happens on the loop without blocking it. Unsubscribing is synchronous and
+    cheap, so the window ends on time however busy the worker threads are; building the
+    profile happens in a worker thread, and not at all for a client that left.
     """
     sampler = get_sampler(options.sample_hz, options.switch_interval)
     cap = sampler.subscribe()
     try:
-        await window.wait(seconds)
+        completed = await window.wait(seconds)
     finally:
-        await run_in_thread(sampler.unsubscribe, cap)
+        sampler.unsubscribe(cap)
         sampler.release_signal()
+    if not completed:
+        return None
     return await run_in_thread(to_profile, cap)

@@ -19,6 +19,7 @@ whose CPU clock moved since the previous sample, weighted by that CPU time.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import errno
@@ -31,42 +32,27 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .concurrency import THREAD_PREFIX, is_own_thread
-from .model import Frame, Stack, frame_of
+from .concurrency import THREAD_PREFIX
+from .frames import RawStack, current_stacks, resolve, stack_now
+from .model import Stack
 
-__all__ = ["Capture", "Sampler", "get_sampler"]
+__all__ = ["Capture", "Sampler", "TimelineTick", "get_sampler", "sample_stack"]
 
 log = logging.getLogger("asgi_pprof")
 
-_MAX_DEPTH = 256
 _RESCAN_S = 0.05
 """How often the sampler looks for new and finished threads."""
 
 
 # --- stacks ------------------------------------------------------------------------------
 
-_frames: dict[tuple[types.CodeType, int], Frame] = {}
+sample_stack = stack_now
+"""Return the stack of one of this thread's frames, or of a suspended one (``frames.stack_now``).
 
-
-def sample_stack(frame: types.FrameType | None) -> Stack:
-    """Return the stack (leaf first) of a live frame, reusing Frame objects across samples."""
-    out: list[Frame] = []
-    cache = _frames
-    n = 0
-    while frame is not None and n < _MAX_DEPTH:
-        key = (frame.f_code, frame.f_lineno or 0)
-        fr = cache.get(key)
-        if fr is None:
-            if len(cache) > 200_000:
-                cache.clear()
-            fr = cache[key] = frame_of(frame)
-        out.append(fr)
-        frame = frame.f_back
-        n += 1
-    return tuple(out)
+Another thread's stack must be read with ``frames.current_stacks``: holding its frames
+between two calls races it."""
 
 
 # --- subscribers -------------------------------------------------------------------------
@@ -84,6 +70,9 @@ def _thread_cpu_ns(tid: int) -> int | None:
 
 
 Key = tuple[Stack, str]
+
+TimelineTick = tuple[int, int, Stack]
+"""(``time.perf_counter_ns()``, thread ident, stack) of one CPU tick."""
 
 
 @dataclass
@@ -106,6 +95,8 @@ class Capture:
     last_cpu: dict[int, int] = field(default_factory=dict)
     """Each thread's CPU clock (by kernel tid) at its previous sample or the window's start."""
     end_mono: float = 0.0
+    timeline: list[TimelineTick] | None = None
+    """Every tick in the order taken, when subscribed with ``timeline=True``."""
 
     def weigh(self, tid: int | None, cpu_now: int | None, ticks: int) -> int:
         """Return the CPU (ns) a sample of thread ``tid`` stands for, and remember ``cpu_now``.
@@ -259,19 +250,33 @@ def _release_switch_interval() -> None:
             sys.setswitchinterval(_switch_saved)
 
 
+def _reset_switch_interval_after_fork() -> None:
+    """In a child forked mid-capture, put back the interval no sampler there holds."""
+    global _switch_lock, _switch_holders
+    _switch_lock = threading.Lock()
+    if _switch_holders and abs(sys.getswitchinterval() - _switch_ours) < 1e-9:
+        sys.setswitchinterval(_switch_saved)
+    _switch_holders = 0
+
+
 # --- the sampler ---------------------------------------------------------------------------
 
 _SIGNAL = signal.SIGPROF
 
 
-@dataclass
-class _Timed:
-    tid: int
-    timer: ctypes.c_void_p
-
-
 class Sampler:
-    """One sampler thread at ``hz``; captures subscribe and unsubscribe while it runs."""
+    """One long-lived sampler thread at ``hz``; captures subscribe and unsubscribe at will.
+
+    The thread starts with the first capture and then stays, idle (no timers, blocked on
+    a condition) whenever no capture runs, so captures never start or join threads and
+    ``threadcreate`` does not fill up with samplers.
+
+    The SIGPROF rule (issue 8, item 1): the main thread's timer, the only one that signals
+    the main thread, is created and deleted under ``_lock`` and only while our handler is
+    installed; the handler is put back only when that timer is gone, and through
+    ``SIG_IGN`` first, which discards a tick the kernel had already queued. So no order of
+    subscribe, unsubscribe and release can leave a timer whose signal nobody handles.
+    """
 
     def __init__(self, hz: int, switch_interval: float | None) -> None:
         self.hz = hz
@@ -279,154 +284,201 @@ class Sampler:
         self.switch_interval = switch_interval
         self.mode = "timers" if _get_libc() is not None else "polling"
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         # Replaced, never mutated: the signal handler reads it without taking the lock
         # (it may interrupt the main thread while that thread holds the lock).
         self._captures: tuple[Capture, ...] = ()
         self._main_by_signal = False
         self._main_name = ""
+        self._main_ident: int | None = None
         self._main_tid: int | None = None
+        self._main_timer: ctypes.c_void_p | None = None
         self._previous_handler: object = None
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._holding_switch = False
+        self._closed = False
         self.ticks = 0
         self.overruns = 0
 
-    # subscription (called from the event loop; cheap)
+    # subscription (called from the event loop or any thread; cheap, never blocks)
 
-    def subscribe(self) -> Capture:
-        """Return a new capture that receives every sample from now until unsubscribed."""
-        cap = Capture(period_ns=self.period_ns)
+    def subscribe(self, *, timeline: bool = False) -> Capture:
+        """Return a new capture that receives every sample from now until unsubscribed.
+
+        With ``timeline`` the capture also keeps every tick in order (``Capture.timeline``).
+        """
+        cap = Capture(period_ns=self.period_ns, timeline=[] if timeline else None)
         for tid in self._targets().values():
             cpu = _thread_cpu_ns(tid)
             if cpu is not None:
                 cap.last_cpu[tid] = cpu
+        _at_exit_once()
         with self._lock:
+            self._use_signal_for_main()
             self._captures = (*self._captures, cap)
+            if self.switch_interval is not None and not self._holding_switch:
+                _hold_switch_interval(self.switch_interval)
+                self._holding_switch = True
             if self._thread is None:
-                self._start()
+                self._thread = threading.Thread(
+                    target=self._guard, name=THREAD_PREFIX + "sampler", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify_all()
         return cap
 
     def unsubscribe(self, cap: Capture) -> None:
-        """Stop feeding ``cap``; stop the sampler thread when nobody is left."""
-        thread = None
+        """Stop feeding ``cap`` now. Cheap and synchronous: no join, no thread hop."""
         with self._lock:
             if cap in self._captures:
                 self._captures = tuple(c for c in self._captures if c is not cap)
                 cap.end_mono = time.monotonic()
-            if not self._captures and self._thread is not None:
-                thread = self._thread
-                self._thread = None
-                self._stop.set()
-                if self.switch_interval is not None:
+            if not self._captures:
+                self._delete_main_timer()
+                if self._holding_switch:
+                    self._holding_switch = False
                     _release_switch_interval()
-        if thread is not None:
-            thread.join()
+                self._wake.notify_all()
 
     def release_signal(self) -> None:
         """Put back the main thread's SIGPROF handler once no capture runs.
 
-        Call on the main thread after :meth:`unsubscribe` (which deletes the timers).
-        Python runs signal handlers on the main thread only, so this cannot happen in
-        ``unsubscribe``, which runs in a worker thread.
+        Only the main thread can change a handler, so :meth:`unsubscribe` (any thread)
+        cannot; call this on the main thread after it. A no-op while captures run.
         """
+        if threading.current_thread() is not threading.main_thread():
+            return
         with self._lock:
-            if self._thread is not None or not self._main_by_signal:
+            if self._captures or not self._main_by_signal:
                 return
-            if threading.current_thread() is not threading.main_thread():
-                return
+            self._delete_main_timer()
             self._main_by_signal = False
-            previous = self._previous_handler
-        signal.signal(_SIGNAL, previous)  # type: ignore[arg-type]
+            # SIG_IGN discards a SIGPROF the kernel generated before the timer went and
+            # has not delivered yet; only then is the previous (default: fatal) action safe.
+            signal.signal(_SIGNAL, signal.SIG_IGN)
+            signal.signal(_SIGNAL, self._previous_handler)  # type: ignore[arg-type]
+
+    def _delete_main_timer(self) -> None:
+        # Under self._lock.
+        timer, self._main_timer = self._main_timer, None
+        libc = _get_libc()
+        if timer is not None and libc is not None:
+            libc.timer_delete(timer)
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
         # The main thread's own tick: ``frame`` is exactly where it was burning CPU.
-        if frame is None:
-            return
         captures = self._captures
-        if not captures:
+        if frame is None or not captures:
             return
-        stack = sample_stack(frame)
+        stack = stack_now(frame)
         key = (stack, self._main_name)
         cpu_now = time.thread_time_ns()
         for cap in captures:
             Capture.add_to(cap.signal_counts, key, 1, cap.weigh(self._main_tid, cpu_now, 1))
+            if cap.timeline is not None:
+                cap.timeline.append((time.perf_counter_ns(), self._main_ident or 0, stack))
         self.ticks += 1
 
-    def _use_signal_for_main(self) -> bool:
-        # Only from the main thread, only with the timers available, and never over a
-        # SIGPROF handler somebody else installed.
+    def _use_signal_for_main(self) -> None:
+        # Under self._lock. Only on the main thread, only with the timers available, and
+        # never over a SIGPROF handler somebody else installed.
         if self.mode != "timers" or self._main_by_signal:
-            return self._main_by_signal
+            return
         if threading.current_thread() is not threading.main_thread():
-            return False
+            return
         current = signal.getsignal(_SIGNAL)
-        if current not in (signal.SIG_DFL, signal.SIG_IGN):
-            return False
-        self._previous_handler = current
-        self._main_name = threading.main_thread().name
-        self._main_tid = threading.main_thread().native_id
+        if current not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            return
+        self._previous_handler = current if current is not None else signal.SIG_DFL
+        main = threading.main_thread()
+        self._main_name = main.name
+        self._main_ident = main.ident
+        self._main_tid = threading.get_native_id()  # we are on it
         signal.signal(_SIGNAL, self._on_signal)
         self._main_by_signal = True
-        return True
 
     @property
     def running(self) -> bool:
-        """Return True while the sampler thread runs."""
-        return self._thread is not None
+        """Return True while at least one capture is subscribed."""
+        return bool(self._captures)
 
-    def _start(self) -> None:
-        self._stop = threading.Event()
-        self._use_signal_for_main()
-        if self.switch_interval is not None:
-            _hold_switch_interval(self.switch_interval)
-        target: Callable[[threading.Event], None] = (
-            self._run_timers if self.mode == "timers" else self._run_polling
-        )
-        self._thread = threading.Thread(
-            target=self._guard, args=(target, self._stop), name=THREAD_PREFIX + "sampler"
-        )
-        self._thread.daemon = True
-        self._thread.start()
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's thread, timers and captures (none of them exist in a child)."""
+        self._main_tid = threading.get_native_id()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._captures = ()
+        self._thread = None
+        self._main_timer = None  # POSIX timers are not inherited across fork
+        self._holding_switch = False
 
-    def _guard(self, target: Callable[[threading.Event], None], stop: threading.Event) -> None:
+    def _guard(self) -> None:
         # A sampler must never die silently: log, and fall back to polling.
-        try:
-            target(stop)
-        except Exception:
-            log.exception("asgi_pprof: CPU sampler (%s) failed; falling back to polling", self.mode)
-            if self.mode == "timers" and not stop.is_set():
+        while True:
+            try:
+                if self.mode == "timers":
+                    self._run_timers()
+                else:
+                    self._run_polling()
+                return
+            except Exception:
+                log.exception("asgi_pprof: CPU sampler (%s) failed; polling instead", self.mode)
+                with self._lock:
+                    self._delete_main_timer()
                 self.mode = "polling"
-                self._run_polling(stop)
 
-    def _deliver(self, ident_ticks: dict[int, int], frames: dict[int, types.FrameType]) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """End every capture and the sampler thread (process exit, tests of private samplers)."""
+        for cap in self._captures:
+            self.unsubscribe(cap)
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+            thread = self._thread
+        self.release_signal()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _idle(self) -> bool:
+        """Block while no capture runs; return False once the sampler is closed."""
+        with self._lock:
+            while not self._captures and not self._closed:
+                self._wake.wait()
+            return not self._closed
+
+    def _deliver(self, ident_ticks: dict[int, int], stacks: dict[int, RawStack]) -> None:
         threads = {t.ident: t for t in threading.enumerate()}
-        batch: list[tuple[int | None, Stack, str, int, int | None]] = []
+        now = time.perf_counter_ns()
+        batch: list[tuple[int | None, int, Stack, str, int, int | None]] = []
         for ident, ticks in ident_ticks.items():
             thread = threads.get(ident)
-            frame = frames.get(ident)
-            if thread is None or frame is None or is_own_thread(thread.name):
+            raw = stacks.get(ident)
+            if thread is None or not raw:
                 continue
             tid = thread.native_id
             cpu_now = _thread_cpu_ns(tid) if tid is not None else None
-            batch.append((tid, sample_stack(frame), thread.name, ticks, cpu_now))
-        del frames
+            batch.append((tid, ident, resolve(raw), thread.name, ticks, cpu_now))
         with self._lock:
             for cap in self._captures:
-                for tid, stack, name, ticks, cpu_now in batch:
+                for tid, ident, stack, name, ticks, cpu_now in batch:
                     ns = cap.weigh(tid, cpu_now, ticks)
                     Capture.add_to(cap.counts, (stack, name), ticks, ns)
+                    if cap.timeline is not None:
+                        cap.timeline.append((now, ident, stack))
 
     def _targets(self) -> dict[int, int]:
-        """Return {ident: kernel tid} of the threads to profile (all but ours)."""
-        return {
+        """Return {ident: kernel tid} of the threads to profile (ours too: labelled later)."""
+        out = {
             t.ident: t.native_id
             for t in threading.enumerate()
-            if t.ident is not None and t.native_id is not None and not is_own_thread(t.name)
+            if t.ident is not None and t.native_id is not None
         }
+        out.update(_forked_native_ids)
+        return out
 
     # Linux: per-thread CPU timers read through a signalfd
 
-    def _run_timers(self, stop: threading.Event) -> None:
+    def _run_timers(self) -> None:
         libc = _get_libc()
         assert libc is not None  # mode "timers" is only chosen when libc has the calls
         signal.pthread_sigmask(signal.SIG_BLOCK, {_SIGNAL})
@@ -436,47 +488,60 @@ class Sampler:
         fd = libc.signalfd(-1, mask, _SFD_NONBLOCK | _SFD_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "signalfd failed")
-        my_tid = threading.get_native_id()
-        main = threading.main_thread()
-        timers: dict[int, _Timed] = {}
-        keys: dict[int, int] = {}
-        next_key = 1
+        try:
+            while self._idle():
+                self._capture_timers(libc, fd)
+        finally:
+            os.close(fd)
+
+    def _make_timer(self, libc: _Libc, tid: int, key: int, to_tid: int) -> ctypes.c_void_p | None:
+        ev = _Sigevent()
+        ev.sigev_value = key
+        ev.sigev_signo = int(_SIGNAL)
+        ev.sigev_notify = _SIGEV_THREAD_ID
+        ev.sigev_tid = to_tid
+        timer = ctypes.c_void_p()
+        if libc.timer_create(_thread_cpu_clock(tid), ctypes.byref(ev), ctypes.byref(timer)):
+            return None  # the thread exited between enumerate and here
         period = self.period_ns
         spec = _Itimerspec(
             _Timespec(period // 1_000_000_000, period % 1_000_000_000),
             _Timespec(period // 1_000_000_000, period % 1_000_000_000),
         )
+        if libc.timer_settime(timer, 0, ctypes.byref(spec), None):
+            libc.timer_delete(timer)
+            return None
+        return timer
+
+    def _capture_timers(self, libc: _Libc, fd: int) -> None:
+        """Sample while captures run; every timer is deleted before this returns."""
+        my_tid = threading.get_native_id()
+        main_ident = threading.main_thread().ident
+        timers: dict[int, tuple[int, ctypes.c_void_p]] = {}
+        keys: dict[int, int] = {}
+        next_key = 1
         try:
             last_scan = 0.0
-            while not stop.is_set():
+            while self._captures:
                 now = time.monotonic()
                 if now - last_scan >= _RESCAN_S:
                     last_scan = now
                     targets = self._targets()
-                    for ident in [i for i in timers if targets.get(i) != timers[i].tid]:
-                        libc.timer_delete(timers.pop(ident).timer)
+                    for ident in [i for i in timers if targets.get(i) != timers[i][0]]:
+                        libc.timer_delete(timers.pop(ident)[1])
                     for ident, tid in targets.items():
                         if ident in timers:
                             continue
-                        ev = _Sigevent()
-                        ev.sigev_value = next_key
-                        ev.sigev_signo = int(_SIGNAL)
-                        ev.sigev_notify = _SIGEV_THREAD_ID
-                        # The main thread takes its own ticks when our handler is in
-                        # place (exact frames); every other thread's come to us.
-                        by_signal = self._main_by_signal and ident == main.ident
-                        ev.sigev_tid = tid if by_signal else my_tid
-                        tid_timer = ctypes.c_void_p()
-                        clock = _thread_cpu_clock(tid)
-                        if libc.timer_create(clock, ctypes.byref(ev), ctypes.byref(tid_timer)):
-                            continue  # the thread exited between enumerate and here
-                        if libc.timer_settime(tid_timer, 0, ctypes.byref(spec), None):
-                            libc.timer_delete(tid_timer)
+                        if ident == main_ident and self._main_by_signal:
+                            self._arm_main(libc, tid)
                             continue
-                        timers[ident] = _Timed(tid, tid_timer)
+                        timer = self._make_timer(libc, tid, next_key, my_tid)
+                        if timer is None:
+                            continue
+                        timers[ident] = (tid, timer)
                         keys[next_key] = ident
                         next_key += 1
-                    if targets and not timers:
+                    if targets and not timers and self._main_timer is None:
                         # Every timer_create failed (a sandbox, an old kernel): an empty
                         # profile would look like an idle process. Fall back, loudly.
                         raise OSError(ctypes.get_errno(), "timer_create failed for every thread")
@@ -484,18 +549,28 @@ class Sampler:
                 ready, _, _ = select.select([fd], [], [], _RESCAN_S)
                 if not ready:
                     continue
-                # Read the frames first, before anything that could let go of the GIL
-                # (os.read does): the ticking thread must not run on past its tick.
-                frames = sys._current_frames()
+                # Read every stack first, in one C call, before anything that lets go of
+                # the GIL (os.read does): the ticking thread must not run on past its tick,
+                # and no thread may run while its frames are read (see frames.py).
+                stacks = current_stacks()
                 ticks = self._read_ticks(fd, keys)
                 if ticks:
-                    self._deliver(ticks, frames)
-                del frames
+                    self._deliver(ticks, stacks)
+                del stacks
         finally:
-            for t in timers.values():
-                libc.timer_delete(t.timer)
+            for _, timer in timers.values():
+                libc.timer_delete(timer)
+            with self._lock:
+                if not self._captures:
+                    self._delete_main_timer()
             self._drain(fd)
-            os.close(fd)
+
+    def _arm_main(self, libc: _Libc, tid: int) -> None:
+        # The main thread takes its own ticks in our SIGPROF handler (exact frames). Its
+        # timer exists only while a capture runs and the handler is ours (see the class doc).
+        with self._lock:
+            if self._main_timer is None and self._captures and self._main_by_signal:
+                self._main_timer = self._make_timer(libc, tid, 0, tid)
 
     def _read_ticks(self, fd: int, keys: dict[int, int]) -> dict[int, int]:
         ticks: dict[int, int] = {}
@@ -521,7 +596,7 @@ class Sampler:
         return ticks
 
     def _drain(self, fd: int) -> None:
-        # Signals already queued for this thread must not outlive it unread.
+        # Signals already queued for this thread must not be read by the next capture.
         try:
             while os.read(fd, _SIGINFO_SIZE * 64):
                 pass
@@ -530,23 +605,58 @@ class Sampler:
 
     # Elsewhere: poll thread CPU clocks
 
-    def _run_polling(self, stop: threading.Event) -> None:
-        last: dict[int, int] = {}
-        interval = self.period_ns / 1e9
-        while not stop.wait(interval):
-            ticks: dict[int, int] = {}
-            for ident in self._targets():
-                try:
-                    cpu = time.clock_gettime_ns(time.pthread_getcpuclockid(ident))
-                except (OSError, AttributeError):
-                    continue
-                prev = last.get(ident)
-                last[ident] = cpu
-                if prev is not None and cpu > prev:
-                    ticks[ident] = max(1, round((cpu - prev) / self.period_ns))
-            if ticks:
-                self.ticks += sum(ticks.values())
-                self._deliver(ticks, sys._current_frames())
+    def _run_polling(self) -> None:
+        while self._idle():
+            last: dict[int, int] = {}
+            interval = self.period_ns / 1e9
+            while self._captures:
+                time.sleep(interval)
+                ticks: dict[int, int] = {}
+                for ident in self._targets():
+                    try:
+                        cpu = time.clock_gettime_ns(time.pthread_getcpuclockid(ident))
+                    except (OSError, AttributeError):
+                        continue
+                    prev = last.get(ident)
+                    last[ident] = cpu
+                    if prev is not None and cpu > prev:
+                        ticks[ident] = max(1, round((cpu - prev) / self.period_ns))
+                if ticks:
+                    self.ticks += sum(ticks.values())
+                    self._deliver(ticks, current_stacks(list(ticks)))
+
+
+# --- process lifecycle: exit and fork -------------------------------------------------------
+
+_atexit_registered = False
+
+
+def _at_exit_once() -> None:
+    global _atexit_registered
+    if not _atexit_registered:
+        _atexit_registered = True
+        atexit.register(_stop_all_at_exit)
+
+
+def _stop_all_at_exit() -> None:
+    """End every capture before the interpreter resets signal handlers (a tick after that
+    would take the default, fatal, action)."""
+    for s in list(_samplers.values()):
+        s.close(timeout=1.0)
+
+
+_forked_native_ids: dict[int, int] = {}
+"""The forking thread's kernel tid in a child: 3.11's threading keeps the parent's."""
+
+
+def _after_fork_in_child() -> None:
+    global _samplers_lock
+    _samplers_lock = threading.Lock()
+    _forked_native_ids.clear()
+    _forked_native_ids[threading.get_ident()] = threading.get_native_id()
+    for s in _samplers.values():
+        s.after_fork_in_child()
+    _reset_switch_interval_after_fork()
 
 
 _samplers: dict[tuple[int, float | None], Sampler] = {}
@@ -561,3 +671,7 @@ def get_sampler(hz: int, switch_interval: float | None) -> Sampler:
         if s is None:
             s = _samplers[key] = Sampler(hz, switch_interval)
         return s
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from asgi_pprof import create_app
+from asgi_pprof import create_app, sampler
 from asgi_pprof.concurrency import THREAD_PREFIX
 
 MOUNT = "/debug/pprof"
@@ -32,16 +33,31 @@ def anyio_backend() -> str:
 
 
 def own_threads() -> list[threading.Thread]:
-    """Return the asgi_pprof threads alive now."""
-    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+    """Return the asgi_pprof threads alive now, but for idle CPU samplers.
+
+    The CPU sampler's thread is long-lived by design (one per process and rate, idle with
+    no timers while no capture runs); a sampler with a capture left running is a leak.
+    """
+    idle = {
+        s._thread
+        for s in sampler._samplers.values()
+        if not s.running and s._main_timer is None and s._thread is not None
+    }
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith(THREAD_PREFIX) and t.is_alive() and t not in idle
+    ]
 
 
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
-    """Fail any test that leaves an asgi_pprof thread running or changes tracemalloc state."""
+    """Fail any test that leaves an asgi_pprof thread or capture running, or changes tracemalloc
+    state, the switch interval or the SIGPROF handler."""
     tracing_before = tracemalloc.is_tracing()
     frames_before = tracemalloc.get_traceback_limit()
     switch_before = sys.getswitchinterval()
+    sigprof_before = signal.getsignal(signal.SIGPROF)
     yield
     deadline = time.monotonic() + 5
     while own_threads() and time.monotonic() < deadline:
@@ -52,6 +68,7 @@ def _no_leaks() -> Iterator[None]:
     if tracing_before:
         assert tracemalloc.get_traceback_limit() == frames_before
     assert sys.getswitchinterval() == switch_before, "switch interval not restored"
+    assert signal.getsignal(signal.SIGPROF) == sigprof_before, "SIGPROF handler not restored"
 
 
 def mounted(**options: Any) -> Starlette:

@@ -467,7 +467,7 @@ def test_polling_fallback_still_profiles(
     cap = s.subscribe()
     time.sleep(1)
     s.unsubscribe(cap)
-    s.release_signal()
+    s.close()
     stop.set()
     t.join()
     data = to_profile(cap)
