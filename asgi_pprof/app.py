@@ -6,30 +6,49 @@ import re
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
 from .endpoints import Endpoints
 from .options import Options
 from .registry import builtin_profiles
 
-__all__ = ["create_app"]
+__all__ = ["PprofMount", "create_app"]
 
 _READ = frozenset({"GET", "HEAD"})
 _SYMBOL = frozenset({"GET", "HEAD", "POST"})
 
 
-class _AnyName(Route):
-    """``/{name:path}`` whose name may hold any character, a newline too.
+class _GoRoute(Route):
+    """A ``Route`` that matches paths as Go's mux does, newlines included.
 
-    Starlette's path convertor stops at a newline (its regex has no DOTALL), so
-    ``/debug/pprof/a%0ab`` fell through to Starlette's own 404; Go's index handler answers
-    every name under the prefix, unknown ones with its "Unknown profile" 404.
+    Starlette's regexes end in ``$`` (which also matches before a final newline, so
+    ``/cmdline%0a`` was the cmdline) and its path convertor stops at a newline (so
+    ``/a%0ab`` fell through to Starlette's own 404). Go answers every other name under the
+    prefix with its "Unknown profile" 404.
     """
 
     def __init__(self, path: str, endpoint: ASGIApp) -> None:
         super().__init__(path, endpoint)
-        self.path_regex = re.compile(r"^/(?P<name>.*)$", re.DOTALL)
+        pattern = self.path_regex.pattern
+        if pattern.endswith("$"):
+            pattern = pattern[:-1] + r"\Z"
+        self.path_regex = re.compile(pattern, re.DOTALL)
+
+
+class PprofMount(Mount):
+    """Starlette's ``Mount`` that also passes paths holding a newline (``%0a``) to the app.
+
+    Starlette's own ``Mount`` does not match them (its regex has no DOTALL), so the
+    parent app answers its own 404; with this one the pprof app answers Go's.
+    """
+
+    def __init__(self, path: str, app: ASGIApp, name: str | None = None) -> None:
+        super().__init__(path, app=app, name=name)
+        pattern = self.path_regex.pattern
+        if pattern.endswith("$"):
+            pattern = pattern[:-1] + r"\Z"
+        self.path_regex = re.compile(pattern, re.DOTALL)
 
 
 def create_app(**options: Any) -> Starlette:
@@ -45,13 +64,13 @@ def create_app(**options: Any) -> Starlette:
     profiles = [*builtin_profiles(opts), *opts.profiles]
     ep = Endpoints(opts, profiles)
     routes = [
-        Route("/", ep.route(ep.index, _READ)),
-        Route("/cmdline", ep.route(ep.cmdline, _READ)),
-        Route("/profile", ep.route(ep.profile, _READ)),
+        _GoRoute("/", ep.route(ep.index, _READ)),
+        _GoRoute("/cmdline", ep.route(ep.cmdline, _READ)),
+        _GoRoute("/profile", ep.route(ep.profile, _READ)),
         # POST too: go tool pprof's remote symbolization posts (current Go refuses it).
-        Route("/symbol", ep.route(ep.symbol, _SYMBOL)),
-        Route("/trace", ep.route(ep.trace, _READ)),
-        _AnyName("/{name:path}", ep.route(ep.named, _READ)),
+        _GoRoute("/symbol", ep.route(ep.symbol, _SYMBOL)),
+        _GoRoute("/trace", ep.route(ep.trace, _READ)),
+        _GoRoute("/{name:path}", ep.route(ep.named, _READ)),
     ]
     app = Starlette(routes=routes)
     app.state.pprof_options = opts

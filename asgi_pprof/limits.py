@@ -2,7 +2,7 @@
 
 Every timed window (``profile``, ``trace``, ``<name>?seconds=N``) takes a slot from one
 process-wide pool for as long as it runs; a request past the pool's size gets Go's error
-shape with 503 at once instead of queueing. The costliest windows have their own, lower
+shape with 429 at once instead of queueing. The costliest windows have their own, lower
 maximum length: the trace hooks every loop step, and heap's window mode turns tracemalloc
 on for the whole process (measured: a ``/hello`` route fell from 1 743 to 49 req/s while
 one ran). ``heap_window=False`` refuses window mode altogether.
@@ -68,7 +68,8 @@ def open_windows() -> int:
 def window_slot(kind: str, options: Options) -> Iterator[None]:
     """Hold one of the process's ``max_windows`` window slots while the block runs.
 
-    Raises :class:`ProfileError` 503 (Go's error shape) when all slots are taken. A plain
+    Raises :class:`ProfileError` 429 (Go's error shape; a 4xx: the server is fine, the
+    client asked for more than it allows at once) when all slots are taken. A plain
     (not async) context manager: taking and giving back a slot never waits, so it can
     neither be cancelled half-way nor leak a slot.
     """
@@ -78,7 +79,7 @@ def window_slot(kind: str, options: Options) -> Iterator[None]:
         total = sum(_open.values())
         if total >= options.max_windows:
             raise ProfileError(
-                503,
+                429,
                 f"too many profiling windows open (limit {options.max_windows}); "
                 "try again when one ends",
             )

@@ -57,7 +57,7 @@ class Options:
 
     max_windows: int = 8
     """Most timed windows (profile, trace, ``seconds=N``) open at once in the process; past
-    it a request gets 503 at once. A scraper holds one; 8 leaves room for people."""
+    it a request gets 429 at once. A scraper holds one; 8 leaves room for people."""
 
     max_trace_seconds: int = 30
     """Longest ``/trace`` window (the trace hooks every loop step: +16-62 % CPU per request)."""

@@ -53,9 +53,14 @@ def parse_int10(s: str) -> int | None:
 
 
 def atoi(s: str) -> int:
-    """Return ``strconv.Atoi(s)`` with the error ignored, as pprof does: bad input is 0."""
+    """Return ``strconv.Atoi(s)`` with the error ignored, as pprof does: bad syntax is 0,
+    an out-of-range value is int64's bound of its sign (what Go returns beside ErrRange)."""
     n = parse_int10(s)
-    return 0 if n is None else n
+    if n is not None:
+        return n
+    if not _INT.fullmatch(s):
+        return 0
+    return _INT64_MIN if s[0] == "-" else _INT64_MAX
 
 
 def parse_float(s: str) -> float | None:

@@ -15,9 +15,9 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import RedirectResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 
-from .app import create_app
+from .app import PprofMount, create_app
 from .concurrency import THREAD_PREFIX, end_windows
 
 __all__ = ["PprofServer", "half_close_protocol", "make_root_app", "start_server"]
@@ -34,7 +34,7 @@ def make_root_app(app: Starlette | None = None) -> Starlette:
     async def root(request: Any) -> RedirectResponse:
         return RedirectResponse(MOUNT + "/")
 
-    return Starlette(routes=[Route("/", root), Mount(MOUNT, app=app or create_app())])
+    return Starlette(routes=[Route("/", root), PprofMount(MOUNT, app=app or create_app())])
 
 
 def half_close_protocol() -> type[asyncio.Protocol]:
