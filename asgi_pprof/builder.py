@@ -6,6 +6,7 @@ This is the only module that imports the generated protobuf code.
 from __future__ import annotations
 
 import gzip
+import os
 import sys
 
 from . import symbols
@@ -15,6 +16,12 @@ from .proto import profile_pb2 as pb
 __all__ = ["decode", "encode", "to_proto"]
 
 _MAPPING_LIMIT = 1 << 48
+
+_MAPPING_FILE = f"[{os.path.basename(sys.executable or 'python')}]"
+"""The mapping's file: the interpreter's name, bracketed like ``[vdso]`` so that it names
+no file on disk. pprof names saved profiles after it, and it does not try to disassemble
+our synthetic addresses in it (with the real binary's path, ``-weblist`` and the -http
+Source view dropped every line)."""
 
 
 class _Strings:
@@ -52,12 +59,11 @@ def to_proto(data: ProfileData) -> pb.Profile:
     for c in data.comments:
         out.comment.append(strings(c))
 
-    # The mapping stands for the interpreter: pprof names saved files after it.
     out.mapping.add(
         id=1,
         memory_start=0,
         memory_limit=_MAPPING_LIMIT,
-        filename=strings(sys.executable or "python"),
+        filename=strings(_MAPPING_FILE),
         has_functions=True,
         has_filenames=True,
         has_line_numbers=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import http.client
 import os
 import random
@@ -252,7 +253,7 @@ def test_async_route_cpu_lands_on_the_route_not_on_select(service: str) -> None:
 
 
 @pytest.mark.go
-def test_go_tool_pprof_reads_profile_over_http(stop: threading.Event) -> None:
+def test_go_tool_pprof_reads_profile_over_http(stop: threading.Event, tmp_path: Path) -> None:
     t = threading.Thread(target=workloads.short_bursts_forever, args=(stop,), name="gotool")
     t.start()
     with ServerThread(mounted()) as srv:
@@ -260,6 +261,10 @@ def test_go_tool_pprof_reads_profile_over_http(stop: threading.Event) -> None:
         raw = go_pprof("-raw", "-seconds", "2", url)
         top = go_pprof("-top", "-lines", f"{url}?seconds=2")
         traces = go_pprof("-traces", "-tagfocus", "thread=gotool", f"{url}?seconds=2")
+        # Source lines in -weblist (the -http Source view renders the same): pprof must not
+        # look for our synthetic addresses in the interpreter binary (issue 8, item 10).
+        weblist = tmp_path / "weblist.html"
+        go_pprof("-weblist", "spin_cpu", "-output", str(weblist), f"{url}?seconds=2")
     stop.set()
     t.join()
     assert "PeriodType: cpu nanoseconds" in raw
@@ -276,6 +281,8 @@ def test_go_tool_pprof_reads_profile_over_http(stop: threading.Event) -> None:
     other = [ln for ln in traces.splitlines() if ln.strip().startswith("thread:")]
     assert other
     assert all("gotool" in ln for ln in other)
+    page = html.unescape(weblist.read_text())
+    assert "while time.thread_time() < end:" in page, "no source line in -weblist"
 
 
 async def test_loop_stays_free_while_capturing_and_encoding(
