@@ -24,6 +24,8 @@ __all__ = [
     "Creation",
     "creation_of",
     "is_tracked",
+    "site_frame",
+    "site_of",
     "track_loops",
     "track_task_creation",
     "tracked_loops",
@@ -142,17 +144,36 @@ def tracked_loops() -> list[asyncio.AbstractEventLoop]:
     return [loop for loop in (r() for r in data.copy()) if loop is not None]
 
 
-def creation_of(task: asyncio.Task[Any], now: float) -> Creation | None:
-    """Return where ``task`` was created, None when that was not recorded."""
+Site = tuple[Any, int, Any]
+"""Where a task was created, as recorded: (code or None, line, module name)."""
+
+_OUTSIDE = Frame("[created outside any Python frame]", "<unknown>", 0, 0)
+
+
+def site_of(task: asyncio.Task[Any]) -> tuple[Site, int, str, float] | None:
+    """Return (site, creating task id or 0, its name, monotonic time) or None if unrecorded."""
     raw = _creations.get(task)
     if raw is None:
         return None
     code, line, mod, pid, pname, when = raw
+    return (code, line, mod), pid, pname, when
+
+
+def site_frame(site: Site) -> Frame:
+    """Return the Frame of a recorded creation site."""
+    code, line, mod = site
     if code is None:
-        frame = Frame("[created outside any Python frame]", "<unknown>", 0, 0)
-    else:
-        frame = Frame(function_name(code, mod), code.co_filename, code.co_firstlineno, line)
-    return Creation(frame, pid, pname, max(0.0, now - when))
+        return _OUTSIDE
+    return Frame(function_name(code, mod), code.co_filename, code.co_firstlineno, line)
+
+
+def creation_of(task: asyncio.Task[Any], now: float) -> Creation | None:
+    """Return where ``task`` was created, None when that was not recorded."""
+    got = site_of(task)
+    if got is None:
+        return None
+    site, pid, pname, when = got
+    return Creation(site_frame(site), pid, pname, max(0.0, now - when))
 
 
 def track_loops(loops: Iterable[asyncio.AbstractEventLoop]) -> None:

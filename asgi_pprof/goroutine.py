@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from . import tasks, threads
 from .concurrency import run_in_thread
@@ -44,7 +44,7 @@ def _labels(key: tuple[str, str, str, str]) -> tuple[tuple[str, str], ...]:
     )
 
 
-def to_profile(records: Sequence[StackRecord]) -> ProfileData:
+def to_profile(records: Iterable[StackRecord]) -> ProfileData:
     """Return the goroutine profile of ``records``: one sample per stack and label set."""
     # Counted straight into one entry per distinct (stack, labels): one object per
     # task would mean tens of thousands the garbage collector must track and walk.
@@ -123,19 +123,36 @@ def _group_key(rec: StackRecord) -> tuple[object, ...]:
     return (rec.loop, rec.state, rec.wait, rec.stack, site, rec.tracked)
 
 
-def dump(records: Sequence[StackRecord]) -> str:
+def dump(records: Iterable[StackRecord]) -> str:
     """Return the ``debug=2`` text: a header, then one block per task, group or thread.
 
     Tasks with the same loop, state, wait, stack and creation site form one block that
     lists every member on its own line (:func:`task_line`), the largest group first.
+    Records are taken one at a time and kept as text: one object per task kept alive
+    for the garbage collector to walk would stall the loop on 10 000 tasks.
     """
-    task_recs = [r for r in records if r.kind == "task"]
-    thread_recs = [r for r in records if r.kind == "thread"]
-    loops = sorted({r.loop for r in task_recs})
-    tracked = any(r.tracked for r in task_recs)
+    firsts: dict[tuple[object, ...], StackRecord] = {}
+    members: dict[tuple[object, ...], list[str]] = {}
+    threads: list[StackRecord] = []
+    loops: set[str] = set()
+    n_tasks = 0
+    tracked = False
+    for r in records:
+        if r.kind != "task":
+            threads.append(r)
+            continue
+        n_tasks += 1
+        loops.add(r.loop)
+        tracked = tracked or r.tracked
+        key = _group_key(r)
+        lines = members.get(key)
+        if lines is None:
+            firsts[key] = r
+            lines = members[key] = []
+        lines.append(task_line(r))
     head = [
-        f"goroutine dump: {len(task_recs)} tasks on {len(loops)} event "
-        f"loop{'s' if len(loops) != 1 else ''}, {len(thread_recs)} threads",
+        f"goroutine dump: {n_tasks} tasks on {len(loops)} event "
+        f"loop{'s' if len(loops) != 1 else ''}, {len(threads)} threads",
         "creation sites: "
         + (
             "tracked"
@@ -144,32 +161,31 @@ def dump(records: Sequence[StackRecord]) -> str:
         ),
     ]
     blocks: list[str] = []
-    groups: dict[tuple[object, ...], list[StackRecord]] = {}
-    for r in task_recs:
-        groups.setdefault(_group_key(r), []).append(r)
-    ordered = sorted(
-        groups.values(),
-        key=lambda g: (g[0].state != "running", g[0].loop, -len(g), g[0].ident),
+    order = sorted(
+        firsts,
+        key=lambda k: (
+            firsts[k].state != "running",
+            firsts[k].loop,
+            -len(members[k]),
+            firsts[k].ident,
+        ),
     )
-    for g in ordered:
-        first = g[0]
-        if len(g) == 1:
-            lines = [f"{task_line(first)} on loop {first.loop}:"]
+    for key in order:
+        first, lines = firsts[key], members[key]
+        if len(lines) == 1:
+            out = [f"{lines[0]} on loop {first.loop}:"]
         else:
-            lines = [f"{len(g)} tasks [{first.state}: {first.wait}] on loop {first.loop}:"]
-            lines += ["    " + task_line(m) for m in sorted(g, key=_ident)]
-        lines += _frame_lines(first)
-        lines += _created(first)
-        blocks.append("\n".join(lines))
-    for r in thread_recs:
+            lines.sort()  # by id: each line starts "task 0x<id>"
+            out = [f"{len(lines)} tasks [{first.state}: {first.wait}] on loop {first.loop}:"]
+            out += ["    " + line for line in lines]
+        out += _frame_lines(first)
+        out += _created(first)
+        blocks.append("\n".join(out))
+    for r in threads:
         status = r.state + (f": {r.detail}" if r.detail else "")
         lines = [f"thread {r.ident} {_quoted(r.name)} [{status}]:", *_frame_lines(r)]
         blocks.append("\n".join(lines))
     return "\n".join(head) + "\n\n" + "\n\n".join(blocks) + "\n"
-
-
-def _ident(rec: StackRecord) -> int:
-    return rec.ident
 
 
 # --- the named profiles ---------------------------------------------------------------------
@@ -218,12 +234,16 @@ class ThreadcreateProfile(NamedProfile):
     name = "threadcreate"
     description = "Stack traces that led to the creation of new OS threads"
 
+    def __init__(self) -> None:
+        # Made by create_app: from here on, each Thread.start() records its stack.
+        threads.install()
+
     def count(self) -> int:
         """Return the number of threads created so far."""
         return threads.created_count()
 
     async def collect(self, *, gc: bool = False) -> ProfileData:
-        """Return the threadcreate profile (creation sites counted since import)."""
+        """Return the threadcreate profile (sites counted since the first app was made)."""
         data = await run_in_thread(threads.profile)
         data.time_nanos = time.time_ns()
         return data

@@ -1,7 +1,8 @@
 """Where threads come from: the data behind ``/debug/pprof/threadcreate``.
 
 Go's threadcreate profile counts every OS thread the runtime ever made, each with the
-stack that made it. Here: every thread started since this module was imported, each
+stack that made it. Here: every thread started since the first pprof app was created
+(:func:`install`, called by ``create_app``; importing asgi_pprof changes nothing), each
 with the stack that called ``Thread.start()``, plus the threads that already existed
 then (and threads started with the low-level ``_thread`` module), counted under an
 honest "creation site unknown" stack. Counts only grow, as in Go, so ``seconds=N``
@@ -20,11 +21,11 @@ from typing import Any
 
 from .model import Frame, ProfileData, Sample, Stack, ValueType, function_name
 
-__all__ = ["UNKNOWN_SITE", "created_count", "install", "profile"]
+__all__ = ["UNKNOWN_SITE", "created_count", "install", "installed", "profile"]
 
 UNKNOWN_SITE: Stack = (
     Frame(
-        function="[creation site unknown: thread started before asgi_pprof was imported "
+        function="[creation site unknown: thread started before the pprof app was created "
         "or through _thread]",
         filename="<unknown>",
         start_line=0,
@@ -63,10 +64,11 @@ def _start(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
 
 
 def install() -> None:
-    """Start recording creation sites (idempotent); done when this module is imported.
+    """Start recording creation sites (idempotent); ``create_app`` calls it.
 
     Wraps ``threading.Thread.start`` so the creating stack is taken in the creating
-    thread, which is the only place it exists.
+    thread, which is the only place it exists. Not done at import: a process-wide hook
+    is installed only by the app that needs it.
     """
     global _orig_start, _unknown
     with _lock:
@@ -77,6 +79,11 @@ def install() -> None:
         _unknown = len(sys._current_frames())
         _seen_raw.update(sys._current_frames())
     threading.Thread.start = _start  # type: ignore[method-assign]
+
+
+def installed() -> bool:
+    """Return True once creation sites are being recorded."""
+    return _orig_start is not None
 
 
 def _reconcile() -> None:
@@ -93,6 +100,7 @@ def _reconcile() -> None:
 
 def created_count() -> int:
     """Return the number of threads created so far (Go's threadcreate count)."""
+    install()  # a profile made without create_app: count from now on
     _reconcile()
     with _lock:
         return _unknown + sum(_sites.values())
@@ -107,6 +115,7 @@ def _frames(site: tuple[RawFrame, ...]) -> Stack:
 
 def profile() -> ProfileData:
     """Return the threadcreate profile: one sample per creation stack, valued by count."""
+    install()
     _reconcile()
     with _lock:
         sites = list(_sites.items())
@@ -115,6 +124,3 @@ def profile() -> ProfileData:
     samples.extend(Sample(_frames(site), [n]) for site, n in sites)
     vt = ValueType("threadcreate", "count")
     return ProfileData(sample_types=[vt], period_type=vt, period=1, samples=samples).merged()
-
-
-install()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import re
 import threading
@@ -167,7 +168,7 @@ async def test_dump_shows_each_task_state_wait_stack_and_links(
     # Its one line carries all of it: what it waits on, for how long, who waits for it.
     assert re.match(
         rf'task {ids["gtest-sleeper"]} "gtest-sleeper" \[pending: asyncio\.sleep\(30\), '
-        rf'[0-9.]+ s left, waiting 0\.\d+ s; awaited by task {ids["gtest-awaiter"]} '
+        rf"[0-9.]+ s left, waiting 0\.\d+ s; awaited by task {ids['gtest-awaiter']} "
         rf'"gtest-awaiter" \(await\)\] on loop MainThread:\n',
         b,
     ), b
@@ -364,3 +365,134 @@ async def test_delta_counts_tasks_started_in_the_window(client: httpx.AsyncClien
     r = await client.get("/debug/pprof/goroutine?seconds=0&debug=1")
     assert r.status_code == 400
     assert r.text == 'invalid value for "seconds" - must be a positive integer\n'
+
+
+# --- 10 000 tasks ---------------------------------------------------------------------------
+
+UNITS = 1700
+"""Units of six tasks each (10 200 tasks): a sleeper, a task awaiting it, an event waiter,
+a gather of two sleeping children (parent and children), and one more sleeper."""
+
+
+async def big_sleeper() -> None:
+    await asyncio.sleep(30)
+
+
+async def big_awaiter(t: asyncio.Task[None]) -> None:
+    await t
+
+
+async def big_event(ev: asyncio.Event) -> None:
+    await ev.wait()
+
+
+async def big_gather(a: asyncio.Task[None], b: asyncio.Task[None]) -> None:
+    await asyncio.gather(a, b)
+
+
+@asynccontextmanager
+async def many_tasks() -> AsyncIterator[dict[str, asyncio.Task[None]]]:
+    """Start UNITS * 6 named tasks ``worker-N``; cancel them all at the end."""
+    ev = asyncio.Event()
+    made: dict[str, asyncio.Task[None]] = {}
+
+    def start(coro: Any, k: int) -> asyncio.Task[None]:
+        t = asyncio.create_task(coro, name=f"worker-{k}")
+        made[t.get_name()] = t
+        return t
+
+    for u in range(UNITS):
+        k = 6 * u
+        sleeper = start(big_sleeper(), k)
+        start(big_awaiter(sleeper), k + 1)
+        start(big_event(ev), k + 2)
+        a, b = start(big_sleeper(), k + 4), start(big_sleeper(), k + 5)
+        start(big_gather(a, b), k + 3)
+    await asyncio.sleep(0.05)  # every task at its wait
+    try:
+        yield made
+    finally:
+        for t in made.values():
+            t.cancel()
+        await asyncio.gather(*made.values(), return_exceptions=True)
+
+
+def own_line(dump: str, task: asyncio.Task[None]) -> str:
+    """Return the one line of the dump that is ``task``'s own (a header or a member line)."""
+    lines = [
+        line
+        for line in dump.splitlines()
+        if line.lstrip().startswith(f'task {id(task):#x} "{task.get_name()}" [')
+    ]
+    assert len(lines) == 1, (task.get_name(), lines)
+    return lines[0]
+
+
+async def test_dump_of_10000_tasks_names_each_with_its_wait_and_awaiters(
+    client: httpx.AsyncClient,
+) -> None:
+    async with many_tasks() as made:
+        r = await client.get("/debug/pprof/goroutine?debug=2")
+    assert r.status_code == 200
+    dump = r.text
+    # Every task once, each on a line of its own, whatever its group.
+    ids = re.findall(r"^(?:    )?task (0x[0-9a-f]+) \"", dump, re.M)
+    assert len(ids) == len(set(ids))
+    assert {f"{id(t):#x}" for t in made.values()} <= set(ids)
+    assert int(re.match(r"goroutine dump: (\d+) tasks", dump).group(1)) >= len(made)  # type: ignore[union-attr]
+
+    # grep worker-417 (a gather parent): its line, and the lines of the two it waits for.
+    hits = [line for line in dump.splitlines() if '"worker-417"' in line]
+    assert len(hits) == 3, hits
+    parent, a, b = made["worker-417"], made["worker-418"], made["worker-419"]
+    assert own_line(dump, parent).endswith('"worker-417" [pending: gather of 2 (0 done)]')
+    for child in (a, b):
+        assert re.search(
+            r"\[pending: asyncio\.sleep\(30\), [0-9.]+ s left, waiting [0-9.e-]+ s; "
+            rf'awaited by task {id(parent):#x} "worker-417" \(gather\)\]$',
+            own_line(dump, child),
+        ), own_line(dump, child)
+    # A sleeper awaited by a task, the task awaiting it, an event waiter.
+    sleeper, awaiter, waiter = made["worker-414"], made["worker-415"], made["worker-416"]
+    assert own_line(dump, sleeper).endswith(
+        f'; awaited by task {id(awaiter):#x} "worker-415" (await)]'
+    )
+    assert own_line(dump, awaiter).endswith(f"[pending: await task {id(sleeper):#x} 'worker-414']")
+    assert re.search(
+        r'"worker-416" \[pending: Event\.wait on Event 0x[0-9a-f]+ \(\d+ waiting\)\]$',
+        own_line(dump, waiter),
+    )
+    # Identical tasks still share one block (one stack printed for all of them).
+    assert re.search(rf"^{UNITS} tasks \[pending: event\] on loop ", dump, re.M)
+
+
+def tracked_objects() -> int:
+    return len(gc.get_objects())
+
+
+async def test_reading_10000_tasks_keeps_no_object_per_task_for_the_collector() -> None:
+    # What stalled the loop (63 ms at 10 000 tasks): records the collector tracks, one
+    # or more per task, kept while the dump was made, so young collections promoted
+    # tens of thousands of objects and brought on full collections over the whole heap
+    # (50-100 ms with the GIL held), or a deferred collection of all of them at the end.
+    # Deterministic: count the objects the collector tracks while a dump is alive.
+    from asgi_pprof import goroutine, tasks
+
+    async with many_tasks() as made:
+
+        def measure() -> tuple[int, int, bool]:
+            tasks.snapshot()  # warm-up: 3.11/3.12 keep one f_locals dict per frame read
+            gc.collect()
+            before = tracked_objects()
+            snap = tasks.snapshot()
+            text = goroutine.dump(snap)
+            enabled = gc.isenabled()
+            gc.collect(1)  # young generations only: what a dump would make survive
+            return tracked_objects() - before, len(text), enabled
+
+        kept, size, enabled = await asyncio.to_thread(measure)
+    # Allowance: the snapshot, its group tables, one stack per distinct wait (under 20
+    # here), a few loops and threads. Before the fix: 8 per task (81 000).
+    assert kept < 500, kept
+    assert enabled, "the dump must not turn the collector off"
+    assert size > 100 * len(made)  # the dump was made, every task in it
