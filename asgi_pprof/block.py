@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 
-from . import contention, primitives
+from . import contention, loopstall, primitives
 from .concurrency import run_in_thread
 from .model import ProfileData
 from .options import Options
@@ -145,6 +145,7 @@ class _ContentionProfile(NamedProfile):
 
     async def collect(self, *, gc: bool = False) -> ProfileData:
         """Return the cumulative profile (empty while off), built in a worker thread."""
+        loopstall.note_running_loop()  # scrapers ask for block and mutex every 15 s
         return await run_in_thread(contention.profile_of, self.name)
 
     async def text(self, debug: int, *, gc: bool = False) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import block, goroutine, heap
+from . import block, goroutine, heap, loopstall
 from .options import Options
 from .profiles import NamedProfile
 
@@ -16,4 +16,5 @@ def builtin_profiles(options: Options) -> list[NamedProfile]:
     profiles += goroutine.profiles(options)
     profiles += heap.profiles(options)
     profiles += block.profiles(options)
+    profiles += loopstall.profiles(options)
     return profiles
