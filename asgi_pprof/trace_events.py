@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .model import function_name
+from .model import Frame, Stack, function_name
 
 __all__ = [
     "DONE",
@@ -104,6 +104,12 @@ class RawTrace:
     notes: list[str] = field(default_factory=list)
     request_labels: dict[int, str] = field(default_factory=dict)
     """``request number -> "GET /items/{item_id}"`` of the HTTP requests tasks served."""
+    cpu_ticks: list[tuple[int, int, Stack]] = field(default_factory=list)
+    """The CPU sampler's ticks: ``(perf_counter_ns, thread ident, stack leaf first)``, each
+    one ``cpu_period_ns`` of that thread's CPU."""
+    cpu_period_ns: int = 10_000_000
+    cpu_exact: int | None = None
+    """Ident of the thread that took its own ticks (SIGPROF on the main thread): exact frames."""
 
 
 class _Names:
@@ -335,6 +341,65 @@ def _loop_track(
         track.detach()
 
 
+_C_LOOP = Frame("[uvloop]", "<C code of the event loop: polling, or its C callbacks>", 0, 0)
+_RUN_ENTRIES = frozenset({"asyncio.runners.Runner.run", "asyncio.runners.run", "uvloop.run"})
+
+
+def _cpu_events(
+    raw: RawTrace, pid: int, tid: int, ticks: list[tuple[int, int, Stack]]
+) -> list[Timed]:
+    """Return the flame chart of one thread's CPU ticks (in time order).
+
+    A tick says the thread had burnt one more ``cpu_period_ns`` of CPU, in that stack: it
+    becomes slices of exactly that length ending at the tick (or starting where the
+    previous one ended), so each function's total on the track is its CPU time as
+    sampled, without the GIL bias of a wall-clock sampler thread. Frames shared with the
+    previous tick stay one slice when the two touch.
+    """
+    out: list[Timed] = []
+    opened: list[tuple[Frame, int]] = []  # root first
+    end = -1
+    period = raw.cpu_period_ns
+
+    def close(keep: int) -> None:
+        while len(opened) > keep:
+            fr, t0 = opened.pop()
+            ts = _us(t0, raw.start_ns)
+            event = {
+                "ph": "X",
+                "name": fr.function,
+                "cat": "cpu",
+                "pid": pid,
+                "tid": tid,
+                "ts": ts,
+                "dur": max(0, _us(end, raw.start_ns) - ts),
+                "args": {"file": fr.filename, "line": fr.start_line},
+            }
+            out.append(timed(event))
+
+    for t, _, stack in ticks:
+        # Two ticks can be recorded closer than a period apart (a handler runs late, at
+        # the next bytecode boundary): the later one moves right, so that every tick
+        # keeps its full length and the track's totals stay ticks x period.
+        t0 = max(t - period, end, raw.start_ns)
+        frames = list(reversed(stack))
+        if frames and frames[-1].function in _RUN_ENTRIES:
+            # A C event loop (uvloop) below the frame that runs it: say so, or its time
+            # would show as Runner.run's own.
+            frames.append(_C_LOOP)
+        keep = 0
+        if t0 == end:
+            for (fr, _), new in zip(opened, frames, strict=False):
+                if fr.function != new.function or fr.filename != new.filename:
+                    break
+                keep += 1
+        close(keep)
+        opened.extend((fr, t0) for fr in frames[keep:])
+        end = t0 + period
+    close(0)
+    return out
+
+
 def _task_tracks(
     raw: RawTrace, pid: int, names: _Names, tid_of_loop: dict[int, int]
 ) -> list[Timed]:
@@ -449,7 +514,13 @@ def events(raw: RawTrace) -> tuple[list[dict[str, Any]], list[Timed], dict[str, 
     meta: list[dict[str, Any]] = []
     loops_of = {li.ident: li for li in raw.loops}
     tid_of_loop: dict[int, int] = {}
-    for order, (ident, track) in enumerate(_thread_tracks(raw, pid, names, steps)):
+    ticks_of: dict[int, list[tuple[int, int, Stack]]] = {}
+    for tick in raw.cpu_ticks:
+        ticks_of.setdefault(tick[1], []).append(tick)
+    order = 0
+    cpu_tid = _SYNTHETIC_TID + 1000
+    shown: list[int] = []
+    for ident, track in _thread_tracks(raw, pid, names, steps):
         evs.extend(track.events)
         tname = raw.threads.get(ident, (None, f"thread {ident}"))[1] or f"thread {ident}"
         li = loops_of.get(ident)
@@ -459,6 +530,27 @@ def events(raw: RawTrace) -> tuple[list[dict[str, Any]], list[Timed], dict[str, 
                 tname += " (steps not visible)"
         meta.append(_meta(pid, track.tid, "thread_name", {"name": tname}))
         meta.append(_meta(pid, track.tid, "thread_sort_index", {"sort_index": order}))
+        order += 2  # its CPU track goes right below it
+        shown.append(ident)
+    # Threads that burnt CPU but were never sampled on the wall clock (ours) come last.
+    idents = shown + sorted(i for i in ticks_of if i not in shown)
+    for n, ident in enumerate(idents):
+        ticks = ticks_of.get(ident)
+        if not ticks:
+            continue
+        ticks.sort(key=lambda k: k[0])
+        tid = cpu_tid + n
+        evs.extend(_cpu_events(raw, pid, tid, ticks))
+        tname = raw.threads.get(ident, (None, f"thread {ident}"))[1] or f"thread {ident}"
+        how = (
+            "exact: its own SIGPROF ticks"
+            if ident == raw.cpu_exact
+            else "read at its CPU timer's tick"
+        )
+        label = f"{tname} · CPU, one slice per {raw.cpu_period_ns / 1e6:g} ms of it ({how})"
+        meta.append(_meta(pid, tid, "thread_name", {"name": label}))
+        index = 2 * shown.index(ident) + 1 if ident in shown else 2 * len(shown) + n
+        meta.append(_meta(pid, tid, "thread_sort_index", {"sort_index": index}))
     gc_tid = _SYNTHETIC_TID
     evs.extend(_gc_events(raw, pid, gc_tid))
     meta.append(_meta(pid, gc_tid, "thread_name", {"name": "gc (all threads)"}))
@@ -518,6 +610,8 @@ def events(raw: RawTrace) -> tuple[list[dict[str, Any]], list[Timed], dict[str, 
         "start_unix_seconds": raw.wall_start,
         "duration_us": _us(raw.end_ns, raw.start_ns),
         "sample_hz": raw.sample_hz,
+        "cpu_sample_period_ns": raw.cpu_period_ns,
+        "cpu_ticks": len(raw.cpu_ticks),
         "max_events": raw.max_events,
         "events": len(evs),
         "truncated": truncated_us is not None,

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import gc
 import logging
+import operator
 import sys
 import threading
 import time
@@ -32,7 +33,9 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, cast
 
 from .concurrency import THREAD_PREFIX, run_in_thread
+from .frames import current_stacks
 from .profiles import ProfileError
+from .sampler import Capture, Sampler, get_sampler
 from .trace_events import DONE, GC, NEW, SAMPLE, STEP, LoopInfo, RawTrace, render
 from .trace_routes import Requests
 
@@ -60,6 +63,7 @@ _TASK_TYPES: tuple[type, ...] = tuple(
     t for t in (asyncio.Task, getattr(asyncio.tasks, "_PyTask", None)) if isinstance(t, type)
 )
 _TASK_TYPE_SET = frozenset(_TASK_TYPES)
+_CODE = operator.itemgetter(0)  # a raw frame's code object
 _FunctionType = types.FunctionType
 _MethodType = types.MethodType
 _BuiltinType = types.BuiltinMethodType
@@ -208,6 +212,10 @@ class _Recorder:
         self._watched: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
+        self._cpu_sampler: Sampler = get_sampler(options.sample_hz, options.switch_interval)
+        self._cpu: Capture | None = None
+        self.cpu_exact: int | None = None
+        """Ident of the thread whose CPU ticks are exact (the main thread's own SIGPROF)."""
         self.loop_ident = _get_ident()  # made on the loop's thread
         self.start_ns = _now()
         self.wall_start = time.time()
@@ -361,25 +369,18 @@ class _Recorder:
     def _sample_once(self, current: dict[int, list[Any]], skip: set[int]) -> None:
         """Read every thread's stack once; a stack that did not change extends its record.
 
-        A method of its own so that no frame outlives the sample that read it.
+        The stacks are read in one C call (``frames.current_stacks``): no other thread's
+        frame is ever held while that thread may run.
         """
-        frames = sys._current_frames()
+        stacks = current_stacks()
         t = _now()
         steps_done = self.step_end
         step_code = _run_step.__code__
-        # Our own frame is in there too, and it holds `frames`: drop it, or every sample
-        # leaves a reference cycle for the garbage collector.
-        frames.pop(_get_ident(), None)
         records = self.records
-        for ident, frame in frames.items():
+        for ident, raw in stacks.items():
             if ident in skip:
                 continue
-            codes: list[types.CodeType] = []
-            f: types.FrameType | None = frame
-            while f is not None and len(codes) < 512:
-                codes.append(f.f_code)
-                f = f.f_back
-            stack = tuple(codes)
+            stack = tuple(map(_CODE, raw))
             cur = current.get(ident)
             # The same stack, seen once more: the same record, unless it is inside a loop
             # step and a step ended meanwhile (then it is most likely another step that
@@ -397,12 +398,11 @@ class _Recorder:
             cur = [SAMPLE, ident, t, t, stack, steps_done]
             records.append(cur)
             current[ident] = cur
-        for ident in [i for i in current if i not in frames]:
+        for ident in [i for i in current if i not in stacks]:
             # The thread ended: close its flame chart here.
             del current[ident]
             if not self.full(t):
                 records.append([SAMPLE, ident, t, t, (), steps_done])
-        frames.clear()
 
     def _sampler_main(self) -> None:
         try:
@@ -424,6 +424,9 @@ class _Recorder:
             _original_run = current
             asyncio.Handle._run = _run_step  # type: ignore[method-assign]
         _active = self
+        # The CPU profiler's sampler (shared with /profile): exact CPU ticks of the main
+        # thread from its own SIGPROF handler, other threads' from their CPU timers.
+        self._cpu = self._cpu_sampler.subscribe(timeline=True)
         self._sampler = threading.Thread(
             target=self._sampler_main, name=THREAD_PREFIX + "trace", daemon=True
         )
@@ -439,6 +442,13 @@ class _Recorder:
         self.end_ns = _now()
         _active = None
         self._stop.set()
+        if self._cpu is not None:
+            # Whether the main thread took its own ticks (exact) or was read from outside.
+            # (Sampler keeps it private; asked for a public property.)
+            if getattr(self._cpu_sampler, "_main_by_signal", False):
+                self.cpu_exact = threading.main_thread().ident
+            self._cpu_sampler.unsubscribe(self._cpu)  # cheap, synchronous
+            self._cpu_sampler.release_signal()
         try:
             if asyncio.Handle.__dict__.get("_run") is _run_step:
                 asyncio.Handle._run = _original_run  # type: ignore[method-assign, assignment]
@@ -471,6 +481,7 @@ class _Recorder:
         self.created = []
         self.loops = {}
         self.requests = Requests()
+        self._cpu = None
 
     def raw(self, ended_early: bool) -> RawTrace:
         """Return the records as a :class:`RawTrace` (after :meth:`uninstall`; any thread)."""
@@ -524,7 +535,11 @@ class _Recorder:
             ended_early=ended_early,
             notes=notes,
             request_labels=self.requests.labels,
+            cpu_ticks=list(self._cpu.timeline or ()) if self._cpu is not None else [],
+            cpu_period_ns=self._cpu_sampler.period_ns,
+            cpu_exact=self.cpu_exact,
         )
+        self._cpu = None
         self.records = []
         self.loops = {}
         return raw
