@@ -895,9 +895,47 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* Multi-phase init: the exec slot runs in every interpreter that imports us (a
+ * single-phase module would be copied into a sub-interpreter without running init). */
+static int ms_exec(PyObject *module) {
+    (void)module;
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
+        PyErr_SetString(PyExc_ImportError,
+                        "asgi_pprof._memsample cannot be used in a sub-interpreter: its allocator "
+                        "hooks and tables are process-wide; import it in the main interpreter");
+        return -1;
+    }
+    if (main_interp != NULL) {
+        return 0;
+    }
+    name_str = PyUnicode_InternFromString("__name__");
+    if (name_str == NULL) {
+        return -1;
+    }
+    if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0 || Py_AtExit(at_exit) != 0) {
+        PyErr_SetString(PyExc_ImportError, "asgi_pprof._memsample: cannot register fork/exit handlers");
+        return -1;
+    }
+    rng_seed();
+    stack_zero_init();
+    main_interp = PyInterpreterState_Main();
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, (void *)ms_exec},
+#if PY_VERSION_HEX >= 0x030C0000
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#if PY_VERSION_HEX >= 0x030D0000
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
 static struct PyModuleDef moduledef = {
-    PyModuleDef_HEAD_INIT, "_memsample", "Sampled allocation profiler (see memprofile.py).", -1,
-    methods, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_memsample", "Sampled allocation profiler (see memprofile.py).", 0,
+    methods, slots, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__memsample(void) {
@@ -906,24 +944,5 @@ PyMODINIT_FUNC PyInit__memsample(void) {
                     "asgi_pprof._memsample does not support the free-threaded build");
     return NULL;
 #endif
-    if (PyInterpreterState_Get() != PyInterpreterState_Main()) {
-        PyErr_SetString(PyExc_ImportError,
-                        "asgi_pprof._memsample cannot be used in a sub-interpreter: its allocator "
-                        "hooks and tables are process-wide; import it in the main interpreter");
-        return NULL;
-    }
-    if (main_interp == NULL) {
-        main_interp = PyInterpreterState_Main();
-        name_str = PyUnicode_InternFromString("__name__");
-        if (name_str == NULL) {
-            return NULL;
-        }
-        rng_seed();
-        stack_zero_init();
-        if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0 || Py_AtExit(at_exit) != 0) {
-            PyErr_SetString(PyExc_ImportError, "asgi_pprof._memsample: cannot register fork/exit handlers");
-            return NULL;
-        }
-    }
-    return PyModule_Create(&moduledef);
+    return PyModuleDef_Init(&moduledef);
 }
