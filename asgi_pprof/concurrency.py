@@ -14,6 +14,7 @@ import functools
 import gc
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -28,7 +29,9 @@ __all__ = [
     "SleepWindow",
     "Window",
     "end_windows",
+    "gc_checkpoint",
     "gc_deferred",
+    "gc_enabled",
     "is_own_thread",
     "open_window_count",
     "run_in_thread",
@@ -102,7 +105,11 @@ class SleepWindow:
 _windows_lock = threading.RLock()  # re-entrant: end_windows() runs in signal handlers
 _windows: dict[asyncio.AbstractEventLoop, set[RequestWindow]] = {}
 _ending: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+# SIGQUIT too: gunicorn's quick shutdown sends it to workers, and uvicorn's worker class
+# answers it with the same graceful shutdown (through loop.add_signal_handler).
+_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGQUIT") if hasattr(signal, name)
+)
 _chained: dict[int, Any] = {}  # signal -> the handler ours replaced
 
 
@@ -180,24 +187,22 @@ def _on_shutdown_signal(signum: int, frame: FrameType | None) -> None:
     previous = _chained.get(signum)
     if callable(previous):
         previous(signum, frame)
-    elif previous == signal.SIG_DFL:
-        # The default action (terminate) was what would have happened without us.
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
 
 
 def _chain_signal_handlers() -> None:
-    """Put our shutdown handler in front of SIGINT/SIGTERM's current one (main thread only).
+    """Put our shutdown handler in front of SIGINT/SIGTERM/SIGQUIT's Python handler.
 
-    Called when a window opens, so it lands after the server installed its own handler
-    (uvicorn installs its handlers when it starts serving, and restores the old ones when
-    it stops, which drops ours). A signal that is ignored stays ignored.
+    Only where a Python handler is installed (a server that shuts down gracefully:
+    uvicorn, gunicorn's uvicorn worker); a default or ignored signal is left alone, as
+    its action does not wait for requests. Main thread only. Called when a window opens,
+    so it lands after the server installed its handler (uvicorn installs its handlers
+    when it starts serving and restores the old ones when it stops, dropping ours).
     """
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in _SIGNALS:
         current = signal.getsignal(sig)
-        if current is _on_shutdown_signal or current in (signal.SIG_IGN, None):
+        if current is _on_shutdown_signal or not callable(current):
             continue
         _chained[sig] = current
         signal.signal(sig, _on_shutdown_signal)
@@ -205,9 +210,42 @@ def _chain_signal_handlers() -> None:
 
 # --- garbage collection ------------------------------------------------------------------
 
+GC_MAX_OFF_SECONDS = 1.0
+"""Longest stretch automatic collection stays off for us, however many holders overlap."""
+
 _gc_lock = threading.Lock()
 _gc_holders = 0
 _gc_was_enabled = False
+_gc_off_since: float | None = None  # monotonic time we turned it off; None while it is on
+_gc_expired = False  # the bound passed: stay on until no holder is left (the gap)
+
+
+def _gc_expire_locked(now: float) -> None:
+    global _gc_off_since, _gc_expired
+    if _gc_off_since is not None and now - _gc_off_since >= GC_MAX_OFF_SECONDS:
+        # Past the bound: collect again even though holders remain, and stay on for the
+        # rest of this run of overlapping holders (no new deferral until none is left).
+        _gc_off_since = None
+        _gc_expired = True
+        if _gc_was_enabled:
+            gc.enable()
+
+
+def gc_checkpoint() -> None:
+    """Turn automatic collection back on if our deferral has lasted its bound.
+
+    Long loops inside :func:`gc_deferred` call this every few thousand steps, so no
+    single holder keeps collection off longer than ``GC_MAX_OFF_SECONDS`` plus one step.
+    """
+    if _gc_off_since is not None:
+        with _gc_lock:
+            _gc_expire_locked(time.monotonic())
+
+
+def gc_enabled() -> bool:
+    """Return whether automatic collection is on, as the process set it (not our deferral)."""
+    with _gc_lock:
+        return _gc_was_enabled if _gc_off_since is not None else gc.isenabled()
 
 
 @contextlib.contextmanager
@@ -217,19 +255,33 @@ def gc_deferred() -> Iterator[None]:
     Reading 10 000 tasks or a big tracemalloc snapshot allocates enough to trigger full
     collections, and a full collection over such a heap holds the GIL for 100+ ms: the
     loop would stall behind it. Collections are only deferred, never skipped: the state
-    the collector found is restored when the last concurrent holder ends. The one
+    the collector found is restored when the last concurrent holder ends. Never for
+    long: after ``GC_MAX_OFF_SECONDS`` in total (checked when a holder enters or leaves
+    and at :func:`gc_checkpoint`), collection is back on even if holders remain, and
+    overlapping holders do not turn it off again until all of them are gone. The one
     owner of the collector's enabled state in asgi_pprof.
     """
-    global _gc_holders, _gc_was_enabled
+    global _gc_holders, _gc_was_enabled, _gc_off_since, _gc_expired
     with _gc_lock:
+        now = time.monotonic()
+        _gc_expire_locked(now)
         if _gc_holders == 0:
+            _gc_expired = False
+        if _gc_off_since is None and not _gc_expired and _gc_holders == 0:
             _gc_was_enabled = gc.isenabled()
-            gc.disable()
+            if _gc_was_enabled:
+                gc.disable()
+            _gc_off_since = now
         _gc_holders += 1
     try:
         yield
     finally:
         with _gc_lock:
             _gc_holders -= 1
-            if _gc_holders == 0 and _gc_was_enabled:
-                gc.enable()
+            _gc_expire_locked(time.monotonic())
+            if _gc_holders == 0:
+                _gc_expired = False
+                if _gc_off_since is not None:
+                    _gc_off_since = None
+                    if _gc_was_enabled:
+                        gc.enable()

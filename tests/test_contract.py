@@ -39,6 +39,8 @@ class Custom(NamedProfile):
         )
 
 
+HUGE = "9" * 4301  # past int()'s 4 300-digit limit
+
 KNOWN = Frame("tests.test_contract.known_function", __file__, 10, 12)
 KNOWN_PC = symbols.address_of(KNOWN)
 KNOWN_LINE = f"{KNOWN_PC:#x} {KNOWN.function}\n"
@@ -185,6 +187,44 @@ ROWS = [
     Row("/debug/pprof/cmdline", 405, TEXT, method="OPTIONS", body=b"Method Not Allowed\n"),
     Row("/debug/pprof/", 200, HTML, method="HEAD", body=b""),
     Row("/debug/pprof/cmdline", 200, TEXT, method="HEAD", body=b""),
+    # Oversized and malformed input (issue 8 item 5): Go's answers, never a 5xx.
+    Row(
+        "/debug/pprof/trace?seconds=5",
+        400,
+        TEXT,
+        body=b"profile duration exceeds server's limit of 2 seconds\n",
+        go_error=True,
+    ),
+    Row(
+        f"/debug/pprof/example.com/custom?seconds={HUGE}",
+        400,
+        TEXT,
+        body=b'invalid value for "seconds" - must be a positive integer\n',
+        go_error=True,
+    ),
+    Row(
+        f"/debug/pprof/example.com/custom?debug={HUGE}",
+        200,
+        TEXT,
+        prefix=b"example.com/custom profile: total 2\n",
+    ),
+    Row(
+        f"/debug/pprof/example.com/custom?debug=x{HUGE}",
+        200,
+        BIN,
+        'attachment; filename="example.com/custom"',
+    ),
+    Row(f"/debug/pprof/symbol?{HUGE}", 200, TEXT, body=b"num_symbols: 1\n"),
+    Row(
+        "/debug/pprof/symbol",
+        413,
+        TEXT,
+        method="POST",
+        content=b"0x1+" * (1 << 18) + b"0x1",
+        body=b"request body too large (limit 1048576 bytes)\n",
+        go_error=True,
+    ),
+    Row("/debug/pprof/" + "x" * 5000, 404, TEXT, body=b"Unknown profile\n", go_error=True),
 ]
 
 
@@ -204,7 +244,7 @@ def parent_fastapi() -> FastAPI:
 @pytest.mark.parametrize(
     "make_app", [parent_starlette, parent_fastapi], ids=["starlette", "fastapi"]
 )
-@pytest.mark.parametrize("row", ROWS, ids=[f"{r.method} {r.path}" for r in ROWS])
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r.method} {r.path[:60]}" for r in ROWS])
 async def test_contract_row(row: Row, make_app: object) -> None:
     assert callable(make_app)
     transport = httpx.ASGITransport(app=make_app())

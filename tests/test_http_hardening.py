@@ -965,3 +965,35 @@ def test_generated_corpus_sample_over_real_http(caplog: pytest.LogCaptureFixture
     assert seen > 50
     assert not bad, bad[:5]
     assert_no_tracebacks(caplog)
+
+
+@pytest.mark.anyio
+async def test_sigterm_handler_is_chained_and_ends_windows_early() -> None:
+    """Our handler ends open windows (True: deliver what was captured) and then runs the
+    handler it replaced; an ignored signal stays ignored."""
+    seen: list[int] = []
+    old_term = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+    old_quit = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    try:
+        window = concurrency.RequestWindow()
+        t0 = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            result: list[bool] = []
+
+            async def wait() -> None:
+                result.append(await window.wait(30))
+
+            tg.start_soon(wait)
+            await anyio.sleep(0.2)
+            assert signal.getsignal(signal.SIGTERM) is concurrency._on_shutdown_signal
+            assert signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert result == [True]
+        assert time.monotonic() - t0 < 2
+        assert seen == [signal.SIGTERM]
+        # a window opened on this loop after the signal ends at once
+        assert await concurrency.RequestWindow().wait(30) is True
+        assert time.monotonic() - t0 < 2
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGQUIT, old_quit)
