@@ -22,15 +22,51 @@ threads), ``threadcreate``, ``heap`` and ``allocs`` (tracemalloc), with ``debug=
 
 from __future__ import annotations
 
-from .app import create_app
-from .heap import start_tracing, stop_tracing
-from .server import PprofServer, start_server
-from .tasks import track_task_creation
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from .app import create_app
+    from .heap import start_tracing, stop_tracing
+    from .server import PprofServer, start_server
+    from .tasks import track_task_creation
+
+    pprof_app: Starlette
 
 __version__ = "0.1.0"
 
-pprof_app = create_app()
-"""A ready pprof app with default options: ``app.mount("/debug/pprof", pprof_app)``."""
+# Everything is loaded on first use (PEP 562): `import asgi_pprof` costs a few
+# milliseconds and installs nothing (no hook, no thread, no app) until a name is used.
+_LAZY = {
+    "PprofServer": "server",
+    "create_app": "app",
+    "start_server": "server",
+    "start_tracing": "heap",
+    "stop_tracing": "heap",
+    "track_task_creation": "tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "pprof_app":
+        from .app import create_app
+
+        app = create_app()
+        globals()["pprof_app"] = app  # made once: every later access gets the same app
+        return app
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'asgi_pprof' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "PprofServer",

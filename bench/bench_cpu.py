@@ -19,7 +19,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asgi_pprof import create_app
-from asgi_pprof.sampler import get_sampler, sample_stack
+from asgi_pprof.frames import current_stacks, resolve
+from asgi_pprof.sampler import get_sampler
 from bench.common import LagMonitor, RefServer, ab_rounds, during, measure, med, report
 
 ROUND_S = 4.0
@@ -65,9 +66,8 @@ def cost_per_sample() -> None:
             for _ in range(5):
                 t0 = time.perf_counter()
                 for _ in range(20):
-                    frames = sys._current_frames()
-                    for ident in idents:
-                        sample_stack(frames[ident])
+                    for raw in current_stacks(idents).values():
+                        resolve(raw)
                 times.append((time.perf_counter() - t0) / 20)
             stop.set()
             for t in ts:
@@ -126,34 +126,132 @@ def loop_lag() -> None:
     print(f"  sampler mode: {s.mode}; ticks {s.ticks}; overruns {s.overruns}")
 
 
-def _contend(work: int) -> float:
-    def crunch() -> None:
-        sum(i * i for i in range(work))
+def _fixed_work(threads: int, work: int) -> tuple[float, float]:
+    """Return (CPU s, wall s) of ``threads`` threads each doing the same fixed JSON/dict work."""
+    import json
 
-    ts = [threading.Thread(target=crunch) for _ in range(2)]
+    doc = {"items": [{"id": i, "name": f"n{i}", "tags": ["a", "b"]} for i in range(30)]}
+    cpu: list[float] = []
+
+    def crunch() -> None:
+        t0 = time.thread_time()
+        for _ in range(work):
+            json.loads(json.dumps(doc))
+        cpu.append(time.thread_time() - t0)
+
+    ts = [threading.Thread(target=crunch) for _ in range(threads)]
     t0 = time.perf_counter()
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    return time.perf_counter() - t0
+    return sum(cpu), time.perf_counter() - t0
 
 
-def switch_interval_cost() -> None:
-    print("== cost of the lowered GIL switch interval for two CPU-bound threads (wall time)")
+def capture_cost_on_threads() -> None:
+    print("== fixed CPU work on 1 and on 2 GIL-contended threads, without vs with a capture")
+    print("   (100 Hz; 'adaptive' = today's sampler, 'always low' = 0.1 ms held all capture long)")
+    s = get_sampler(100, 0.0001)
     saved = sys.getswitchinterval()
-    a, b = [], []
-    for i in range(6):
-        for si in (saved, 0.0001) if i % 2 == 0 else (0.0001, saved):
-            sys.setswitchinterval(si)
-            (a if si == saved else b).append(_contend(3_000_000))
-    sys.setswitchinterval(saved)
-    ratio = statistics.median(b) / statistics.median(a)
-    print(f"  switch {saved * 1e3:.1f} ms: {med(a)} s   0.1 ms: {med(b)} s   ratio {ratio:.3f}")
+    for threads in (1, 2):
+        work = 3000
+        _fixed_work(threads, work // 4)  # warm up
+        results: dict[str, list[tuple[float, float]]] = {"none": [], "adaptive": [], "low": []}
+        for i in range(7):
+            order = ["none", "adaptive", "low"]
+            if i % 2:
+                order.reverse()
+            for mode in order:
+                cap = s.subscribe() if mode != "none" else None
+                if mode == "low":
+                    sys.setswitchinterval(0.0001)
+                try:
+                    results[mode].append(_fixed_work(threads, work))
+                finally:
+                    if cap is not None:
+                        s.unsubscribe(cap)
+                    sys.setswitchinterval(saved)
+        base_cpu = statistics.median(c for c, _ in results["none"])
+        base_wall = statistics.median(w for _, w in results["none"])
+        print(f"  {threads} thread(s): no capture CPU {med([c for c, _ in results['none']])} s")
+        for mode in ("adaptive", "low"):
+            cpus = [c for c, _ in results[mode]]
+            walls = [w for _, w in results[mode]]
+            ratios = [c / base_cpu for c in cpus]
+            print(
+                f"    {mode:9s} CPU {med(cpus)} s  x{statistics.median(cpus) / base_cpu:.3f} "
+                f"(pairs {min(ratios):.2f}..{max(ratios):.2f}), "
+                f"wall x{statistics.median(walls) / base_wall:.3f}"
+            )
+
+
+_FIRST_CAPTURE = """
+import asyncio, time
+import asgi_pprof
+from asgi_pprof import cpu
+from asgi_pprof.concurrency import SleepWindow
+from asgi_pprof.options import Options
+
+async def main():
+    worst = 0.0
+    done = False
+    async def ticker():
+        nonlocal worst
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            worst = max(worst, now - last - 0.001)
+            last = now
+    t = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0.2)
+    lags = []
+    for _ in range(3):
+        worst = 0.0
+        await cpu.profile(0.3, SleepWindow(), Options())
+        lags.append(worst * 1e3)
+    done = True
+    await t
+    print(" ".join(f"{x:.2f}" for x in lags))
+
+asyncio.run(main())
+"""
+
+
+def first_capture_lag() -> None:
+    import subprocess
+
+    print("== worst loop lag (1 ms ticker) during the 1st, 2nd and 3rd capture of a fresh process")
+    runs = []
+    for _ in range(5):
+        out = subprocess.run(
+            [sys.executable, "-c", _FIRST_CAPTURE], capture_output=True, text=True, check=True
+        ).stdout.split()
+        runs.append([float(x) for x in out])
+    for i, name in enumerate(("first", "second", "third")):
+        print(f"  {name:6s} capture: max lag ms {med([r[i] for r in runs])}")
+
+
+def import_time() -> None:
+    import subprocess
+
+    print("== `import asgi_pprof` in a fresh process (s)")
+    code = "import time; t=time.perf_counter(); import asgi_pprof; print(time.perf_counter()-t)"
+    base = code.replace("asgi_pprof", "starlette.applications")
+    ours, theirs = [], []
+    for _ in range(5):
+        for c, out in ((code, ours), (base, theirs)):
+            r = subprocess.run(
+                [sys.executable, "-c", c], capture_output=True, text=True, check=True
+            )
+            out.append(float(r.stdout))
+    print(f"  asgi_pprof {med(ours)}   starlette.applications alone {med(theirs)}")
 
 
 if __name__ == "__main__":
-    switch_interval_cost()
+    capture_cost_on_threads()
+    first_capture_lag()
+    import_time()
     throughput()
     cost_per_sample()
     loop_lag()
