@@ -22,7 +22,6 @@ from .model import Frame, function_name
 
 __all__ = [
     "Creation",
-    "creation_of",
     "is_tracked",
     "site_frame",
     "site_of",
@@ -165,15 +164,6 @@ def site_frame(site: Site) -> Frame:
     if code is None:
         return _OUTSIDE
     return Frame(function_name(code, mod), code.co_filename, code.co_firstlineno, line)
-
-
-def creation_of(task: asyncio.Task[Any], now: float) -> Creation | None:
-    """Return where ``task`` was created, None when that was not recorded."""
-    got = site_of(task)
-    if got is None:
-        return None
-    site, pid, pname, when = got
-    return Creation(site_frame(site), pid, pname, max(0.0, now - when))
 
 
 def track_loops(loops: Iterable[asyncio.AbstractEventLoop]) -> None:

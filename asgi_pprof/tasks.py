@@ -293,7 +293,7 @@ class Snapshot:
 
     Iterate it for one :class:`StackRecord` each, tasks first (the running ones
     first), then threads. Records are made as they are iterated: consume them one at a
-    time (``len()`` and the counts need none).
+    time rather than keeping a list of 10 000.
     """
 
     def __init__(self) -> None:
@@ -307,19 +307,6 @@ class Snapshot:
         self._first_edge: dict[int, int] = {}
         self._edges: list[Any] = []
         """Flat (how, parent id, next edge of the same child or -1) triples."""
-
-    @property
-    def task_count(self) -> int:
-        """Return the number of tasks."""
-        return len(self.rows)
-
-    @property
-    def loop_count(self) -> int:
-        """Return the number of distinct loops the tasks run on."""
-        return len(set(self.loops))
-
-    def __len__(self) -> int:
-        return len(self.rows) + len(self.threads)
 
     def add_edge(self, child: int, how: str, parent: int) -> None:
         """Record that task ``parent`` waits for task ``child`` through ``how``."""

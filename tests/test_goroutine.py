@@ -496,3 +496,50 @@ async def test_reading_10000_tasks_keeps_no_object_per_task_for_the_collector() 
     assert kept < 500, kept
     assert enabled, "the dump must not turn the collector off"
     assert size > 100 * len(made)  # the dump was made, every task in it
+
+
+async def test_a_name_with_quotes_or_line_breaks_keeps_the_dump_one_line_per_task(
+    client: httpx.AsyncClient,
+) -> None:
+    odd = 'say "hi"\nthen go'
+    t = asyncio.create_task(gtest_sleeps(), name=odd)
+    await asyncio.sleep(0.01)
+    try:
+        dump = (await client.get("/debug/pprof/goroutine?debug=2")).text
+    finally:
+        t.cancel()
+        await asyncio.gather(t, return_exceptions=True)
+    line = next(x for x in dump.splitlines() if x.startswith(f"task {id(t):#x} "))
+    assert line.startswith(f'task {id(t):#x} "say \\"hi\\"\\nthen go" [pending: asyncio.sleep(30)')
+
+
+async def test_known_loops_lists_running_loops_once_and_never_a_closed_one(
+    client: httpx.AsyncClient,
+) -> None:
+    from asgi_pprof import tasks
+
+    mine = asyncio.get_running_loop()
+    other = asyncio.new_event_loop()
+    ready, stop = threading.Event(), threading.Event()
+
+    async def serve_other() -> None:
+        tasks.note_loop()  # as a profile request on that loop does
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+
+    th = threading.Thread(target=other.run_until_complete, args=(serve_other(),))
+    th.start()
+    try:
+        assert ready.wait(10)
+        await client.get("/debug/pprof/goroutine?debug=1")  # notes this loop
+        loops = await asyncio.to_thread(tasks.known_loops)  # from another thread, as helpers do
+        assert loops.count(mine) == 1
+        assert loops.count(other) == 1
+        assert tasks.loop_thread(other) == th.name
+    finally:
+        stop.set()
+        th.join(10)
+        other.close()
+    assert other not in tasks.known_loops()
+    assert mine in tasks.known_loops()
