@@ -15,7 +15,10 @@ What each waits on comes from :mod:`waits`; where each was created, from
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
+import operator
 import sys
 import threading
 import time
@@ -109,7 +112,7 @@ def _alive(container: Any) -> list[Any]:
     """Return the live keys of a WeakSet or WeakKeyDictionary another thread may change."""
     # Their own dict or set, copied in one C call: iterating the weak container itself
     # from another thread can meet a change of size.
-    return [x for x in (r() for r in container.data.copy()) if x is not None]
+    return [x for x in map(operator.call, container.data.copy()) if x is not None]
 
 
 def known_loops() -> list[asyncio.AbstractEventLoop]:
@@ -211,13 +214,9 @@ def _all_tasks() -> list[asyncio.Task[Any]]:
             # A loop closing under us: its tasks are gone anyway.
             with contextlib.suppress(Exception):
                 found.extend(asyncio.all_tasks(loop))
-    seen: set[int] = set()
-    out = []
-    for t in found:
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
+    # Each once (a task may sit in two of them for a moment); tasks hash by identity,
+    # so dict.fromkeys dedupes in one C call.
+    return list(dict.fromkeys(found))
 
 
 def _live(task: asyncio.Task[Any]) -> bool:
@@ -228,23 +227,21 @@ def _live(task: asyncio.Task[Any]) -> bool:
         return False
 
 
+_done = operator.methodcaller("done")
+_get_loop = operator.methodcaller("get_loop")
+
+
 def count() -> int:
     """Return the number of live tasks of running loops plus threads. Cheap: O(tasks)."""
-    # The index page calls this on the loop: each loop is asked once, not once per task
-    # (10 000 tasks: 1.5 ms instead of 5).
+    # The index page calls this on the loop: the per-task work runs in C iterators and
+    # each loop is asked once (10 000 tasks: about 2 ms instead of 8).
+    found = _all_tasks()
+    pending = itertools.compress(found, map(operator.not_, map(_done, found)))
     n = 0
-    live: dict[int, bool] = {}
-    for t in _all_tasks():
-        try:
-            if t.done():
-                continue
-            loop = t.get_loop()
-            ok = live.get(id(loop))
-            if ok is None:
-                ok = live[id(loop)] = loop.is_running() and not loop.is_closed()
-        except Exception:
-            continue
-        n += ok
+    for loop, k in collections.Counter(map(_get_loop, pending)).items():
+        with contextlib.suppress(Exception):
+            if loop.is_running() and not loop.is_closed():
+                n += k
     return n + len(sys._current_frames())
 
 
