@@ -117,7 +117,7 @@ class RequestWindow:
     """The :class:`Window` of one request: ends early on disconnect or server shutdown."""
 
     def __init__(self) -> None:
-        self._wake: asyncio.Event | None = None
+        self._wake: anyio.Event | None = None
         self.client_left = False
 
     def leave(self) -> None:
@@ -131,23 +131,28 @@ class RequestWindow:
         the client left first."""
         if self.client_left:
             return False
-        loop = asyncio.get_running_loop()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # another anyio backend (trio): no shutdown hook there
+            loop = None
         _chain_signal_handlers()
-        self._wake = asyncio.Event()
-        with _windows_lock:
-            if loop in _ending:
-                return True
-            _windows.setdefault(loop, set()).add(self)
+        self._wake = anyio.Event()
+        if loop is not None:
+            with _windows_lock:
+                if loop in _ending:
+                    return True
+                _windows.setdefault(loop, set()).add(self)
         try:
             with anyio.move_on_after(max(0.0, seconds)):
                 await self._wake.wait()
         finally:
-            with _windows_lock:
-                open_here = _windows.get(loop)
-                if open_here is not None:
-                    open_here.discard(self)
-                    if not open_here:
-                        del _windows[loop]
+            if loop is not None:
+                with _windows_lock:
+                    open_here = _windows.get(loop)
+                    if open_here is not None:
+                        open_here.discard(self)
+                        if not open_here:
+                            del _windows[loop]
             self._wake = None
         return not self.client_left
 
