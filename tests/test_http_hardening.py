@@ -728,7 +728,7 @@ def test_sigterm_during_30s_profile_and_trace_exits_within_seconds(uvicorn_proc:
     for t in threads:
         t.join(10)
     out = srv.output()
-    print(f"exit {code} after {took:.2f} s")
+    print(f"exit {code} after {took:.2f} s; trace: {results['trace']!r:.120}")
     assert took < 5, (took, out)
     assert "Traceback" not in out, out
     status, body = results["profile"]
