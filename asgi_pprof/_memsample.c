@@ -33,8 +33,9 @@
  * The tables keep strong references to the code objects (and module name strings)
  * of recorded stacks: naming a frame then costs nothing at sampling time, and the
  * names are exactly the CPU profile's (module.co_qualname, co_filename,
- * co_firstlineno, the frame's line). Stacks and buckets are bounded; past the bound
- * samples go to one overflow stack.
+ * co_firstlineno, the frame's line). A bucket is (stack, size class, rate) with raw
+ * counts and exact bytes. Stacks and buckets are bounded; past the bound samples go to
+ * one overflow stack.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -78,7 +79,7 @@ typedef struct {
 
 typedef struct {
     uint32_t stack;
-    uint64_t size; /* requested size of every allocation here (0: mixed, overflow) */
+    uint64_t size; /* size class of the allocations here (0: any, the overflow bucket) */
     uint64_t rate; /* the rate these allocations were sampled at */
     uint64_t allocs, alloc_bytes, frees, free_bytes;
 } ms_bucket;
@@ -437,10 +438,22 @@ static uint32_t bucket_intern(uint32_t stack, uint64_t size, uint64_t r) {
     return id;
 }
 
+/* Return the size class a bucket is keyed by: as Go's buckets are keyed by size class
+ * (exact sizes would make a bucket per distinct length of every list and string).
+ * 16-byte steps up to 512 (pymalloc's classes), then 8 classes per doubling (<= 12.5 %). */
+static uint64_t size_class(uint64_t s) {
+    if (s <= 512) {
+        return (s + 15) & ~(uint64_t)15;
+    }
+    int b = 63 - __builtin_clzll(s - 1); /* 2^b < s <= 2^(b+1), b >= 9 */
+    uint64_t step = (uint64_t)1 << (b - 3);
+    return (s + step - 1) & ~(step - 1);
+}
+
 /* Record one sampled allocation (lock held; no Python calls). */
 static void record(uintptr_t p, size_t size, size_t r, const ms_frame *f, uint32_t n) {
     uint32_t sid = stack_intern(f, n);
-    uint32_t bid = bucket_intern(sid, size, r);
+    uint32_t bid = bucket_intern(sid, size_class(size), r);
     if (bid == UINT32_MAX) {
         n_lost++;
         return;
@@ -708,6 +721,18 @@ static PyObject *py_rehook(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(added);
 }
 
+/* rehook_after(fn) -> fn(), then our hooks back at once: tracemalloc.stop() restores the
+ * allocator it found, which drops ours if tracemalloc started first. Done in C so that
+ * no other thread runs (no GIL switch) between the two, and no free goes unseen. */
+static PyObject *py_rehook_after(PyObject *self, PyObject *fn) {
+    (void)self;
+    PyObject *result = PyObject_CallNoArgs(fn);
+    if (installed_any && !shutting_down && install() > 0) {
+        n_displaced++;
+    }
+    return result;
+}
+
 static PyObject *py_hooked(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -886,6 +911,7 @@ static PyMethodDef methods[] = {
     {"set_rate", py_set_rate, METH_O, "set_rate(n) -> previous rate. 0 off, 1 every allocation."},
     {"get_rate", py_get_rate, METH_NOARGS, "get_rate() -> the sampling rate in bytes."},
     {"rehook", py_rehook, METH_NOARGS, "rehook() -> domains our hooks were put back on."},
+    {"rehook_after", py_rehook_after, METH_O, "rehook_after(fn) -> fn(), then rehook at once."},
     {"hooked", py_hooked, METH_NOARGS, "hooked() -> bits of the domains passing through us."},
     {"bucket_count", py_bucket_count, METH_NOARGS, "bucket_count() -> number of buckets."},
     {"buckets", py_buckets, METH_VARARGS, "buckets(start, count) -> list of bucket tuples."},

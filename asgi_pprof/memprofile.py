@@ -180,23 +180,24 @@ def _rehook() -> None:
 
 
 # tracemalloc.stop() restores the allocator tracemalloc found when it started. If that
-# was before our hooks went on, stop() drops ours: put them back at once, so no
-# allocation or free goes unseen. (A stop through _tracemalloc directly is caught at the
-# next profile read.) tracemalloc started after us stacks on top and needs nothing.
+# was before our hooks went on, stop() drops ours: the native rehook_after puts them
+# back before any other thread runs, so no allocation or free goes unseen. (A stop
+# through _tracemalloc directly is caught at the next profile read, with a gap.)
+# tracemalloc started after us stacks on top, and its stop() puts ours back itself.
 _original_stop: Callable[[], None] | None = None
 
 
 def _wrap_tracemalloc_stop() -> None:
     global _original_stop
-    if _original_stop is not None:
+    if _original_stop is not None or _native is None:
         return
     original = tracemalloc.stop
     _original_stop = original
+    native = _native
 
     @functools.wraps(original)
     def stop() -> None:
-        original()
-        _rehook()
+        native.rehook_after(original)
 
     tracemalloc.stop = stop
 
@@ -205,7 +206,10 @@ def _wrap_tracemalloc_stop() -> None:
 
 
 class Record:
-    """One native bucket: a stack, the requested size, the rate it was sampled at, raw counts."""
+    """One native bucket: a stack, a size class, the rate it was sampled at, raw counts.
+
+    Counts are the sampled allocations (and frees of them); bytes are their exact sizes.
+    """
 
     __slots__ = ("alloc_bytes", "allocs", "free_bytes", "frees", "rate", "size", "stack")
 
@@ -226,6 +230,11 @@ class Record:
         self.alloc_bytes = alloc_bytes
         self.frees = frees
         self.free_bytes = free_bytes
+
+    @property
+    def block_size(self) -> int:
+        """Return the average size of the sampled allocations (Go's ``bytes`` label)."""
+        return self.alloc_bytes // self.allocs if self.allocs else 0
 
 
 _OVERFLOW = (Frame("asgi_pprof.<memory profile stack table full>", "", 0, 0),)
@@ -298,15 +307,16 @@ def profile_data(default_sample_type: str) -> ProfileData:
     """Return the heap profile now: Go's four sample types, period = the current rate.
 
     Cumulative since sampling started (``alloc_*`` only grow), so scrapers' diffs work.
-    One sample per (stack, requested size) with Go's ``bytes`` label; buckets sampled at
-    an earlier rate are scaled with their own rate.
+    One sample per (stack, size class) with Go's ``bytes`` label (the average size);
+    buckets sampled at an earlier rate are scaled with their own rate.
     """
     rate = memory_profile_rate()
     samples = []
     for r in records():
         ao, ab = scale_heap_sample(r.allocs, r.alloc_bytes, r.rate)
         io, ib = scale_heap_sample(r.allocs - r.frees, r.alloc_bytes - r.free_bytes, r.rate)
-        labels = (("bytes", r.size, ""),) if r.size else ()
+        size = r.block_size
+        labels = (("bytes", size, ""),) if size else ()
         samples.append(Sample(r.stack, [ao, ab, io, ib], num_labels=labels))
     return ProfileData(
         sample_types=list(SAMPLE_TYPES),

@@ -315,7 +315,7 @@ def test_frames_are_named_exactly_as_the_cpu_profile_names_them(
 ) -> None:
     sampling(64 * KiB)  # an 8 MiB block is sampled with p = 1 - exp(-128)
     block, cpu_stack = leaf_allocation()
-    stacks = [r.stack for r in memprofile.records() if r.size == 8 * MiB + 1]
+    stacks = [r.stack for r in memprofile.records() if r.block_size == 8 * MiB + 1]
     assert cpu_stack in stacks, (cpu_stack[:3], [s[:3] for s in stacks])
     del block
 
