@@ -365,6 +365,7 @@ def snapshot(track_creation: bool = False) -> Snapshot:
     now = time.monotonic()
     loop_index: dict[int, int] = {}
     loop_time: list[float | None] = []
+    loop_ident: list[int | None] = []
     loops: list[asyncio.AbstractEventLoop] = []
     stack_index: dict[Stack, int] = {}
     site_index: dict[tuple[Any, ...], int] = {}
@@ -378,11 +379,12 @@ def snapshot(track_creation: bool = False) -> Snapshot:
         if li is None:
             li = loop_index[id(loop)] = len(loops)
             loops.append(loop)
+            loop_ident.append(_loop_ident(loop))
             try:
                 loop_time.append(loop.time())
             except Exception:
                 loop_time.append(None)
-        got = chains.read(task, threads, loop_time[li], _loop_ident(loop))
+        got = chains.read(task, threads, loop_time[li], loop_ident[li])
         if got is None:
             continue  # finished while we looked: no longer a goroutine
         if got.thread is not None and loop not in _loop_threads:
