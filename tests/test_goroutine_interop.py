@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from .conftest import ServerThread, mounted
-from .test_goroutine import blocked_thread, workload
+from .test_goroutine import blocked_thread, line_of, workload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.go]
 
@@ -67,3 +67,29 @@ async def test_tasks_of_another_loop_are_in_the_dump_with_their_loop(server_loop
     # the server's own request task is on its loop, named after its thread
     assert "on loop test-uvicorn:" in r.text
     assert "goroutine?debug=1'>goroutine</a>" in idx.text
+
+
+async def test_tracking_reaches_loops_seen_in_a_snapshot(server_loop: str) -> None:
+    # The app is served on another loop; a request there installs creation tracking on
+    # this loop too (scheduled on this loop's own thread), for tasks created from then on.
+    import asyncio
+
+    import httpx
+
+    from .test_goroutine import gtest_sleeps
+
+    with ServerThread(mounted(track_task_creation=True), loop=server_loop) as srv:
+        async with httpx.AsyncClient() as c:
+            await c.get(f"{srv.url}/debug/pprof/goroutine?debug=1")
+            await asyncio.sleep(0.05)  # the factory is installed by a callback on this loop
+            t = asyncio.create_task(gtest_sleeps(), name="gtest-tracked-here")  # made here
+            await asyncio.sleep(0.01)
+            try:
+                dump = (await c.get(f"{srv.url}/debug/pprof/goroutine?debug=2")).text
+            finally:
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
+    block = next(b for b in dump.split("\n\n") if f'task {id(t):#x} "gtest-tracked-here"' in b)
+    line = line_of(test_tracking_reaches_loops_seen_in_a_snapshot, "made here")
+    assert "created by tests.test_goroutine_interop.test_tracking_reaches_loops_seen" in block
+    assert f"test_goroutine_interop.py:{line}\n" in block + "\n", block
