@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
 
 from asgi_pprof import create_app
+from asgi_pprof.concurrency import open_window_count
 
 SWITCH_INTERVAL_AT_START = sys.getswitchinterval()
 
@@ -46,6 +47,7 @@ async def state(request: Request) -> JSONResponse:
                 t.name for t in threading.enumerate() if t.name == "asgi_pprof-work"
             ),
             "rss_kb": _rss_kb(),
+            "open_windows": open_window_count(),
         }
     )
 
