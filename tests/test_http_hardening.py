@@ -508,7 +508,9 @@ async def test_disconnect_ends_every_window_and_starts_no_follow_up_work(
             tg.start_soon(one, t)
     took = time.monotonic() - t0
     assert [r.status for r in results] == [None] * len(targets), [r.body for r in results]
-    assert took < 3, took  # 0.5 s plus one snapshot per delta; 30 s windows before the fix
+    # 0.5 s plus one snapshot per delta, with room for a loaded machine; before the fix
+    # each request ran its whole 20-30 s window.
+    assert took < 5, took
     assert encoded == []
     assert concurrency.open_window_count() == 0
     assert limits.open_windows() == 0
