@@ -251,8 +251,9 @@ def _cond_wait(orig: Callable[..., bool]) -> Callable[..., bool]:
             return orig(self, timeout)
         finally:
             _local.inside = False
-            contention.record_block(_caller(sys._getframe(1)), _now() - t0)
+            contention.record_block(_caller(sys._getframe(1)), _now() - t0, None, leaf)
 
+    leaf = contention.leaf_of(orig)
     wait.__doc__ = orig.__doc__
     return wait
 
@@ -265,8 +266,9 @@ def _thread_join(orig: Callable[..., None]) -> Callable[..., None]:
         try:
             return orig(self, timeout)
         finally:
-            contention.record_block(_caller(sys._getframe(1)), _now() - t0)
+            contention.record_block(_caller(sys._getframe(1)), _now() - t0, None, leaf)
 
+    leaf = contention.leaf_of(orig)
     join.__doc__ = orig.__doc__
     return join
 
