@@ -572,6 +572,27 @@ async def test_costly_windows_have_lower_limits() -> None:
         limits.max_seconds("nope", Options())
 
 
+@pytest.mark.anyio
+async def test_heap_window_mode_limits_over_http() -> None:
+    """Window mode (tracemalloc off) has its own cap, and can be refused."""
+    import tracemalloc
+
+    if tracemalloc.is_tracing():
+        pytest.skip("window mode only exists with tracemalloc off")
+    app = mounted(max_seconds=600, max_heap_window_seconds=3)
+    r = await asgi_call(app, "GET", b"/debug/pprof/heap?seconds=4")
+    assert r.status == 400
+    assert r.body == b"profile duration exceeds server's limit of 3 seconds\n"
+    r = await asgi_call(app, "GET", b"/debug/pprof/goroutine?seconds=4", disconnect_after=0.1)
+    assert r.status is None  # other deltas keep max_seconds
+    app = mounted(heap_window=False)
+    r = await asgi_call(app, "GET", b"/debug/pprof/heap?seconds=1")
+    assert r.status == 403
+    assert r.body == (limits.HEAP_WINDOW_REFUSED + "\n").encode()
+    assert r.headers["x-go-pprof"] == "1"
+    assert not tracemalloc.is_tracing()
+
+
 # --- item 3: a window ends on time under a busy limiter --------------------------------------
 
 
