@@ -7,6 +7,7 @@ or encode profiles themselves: collectors and builders do that, off the event lo
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import html
 import logging
@@ -42,6 +43,9 @@ CPU_DEFAULT_SECONDS = 30
 
 TRACE_DEFAULT_SECONDS = 1.0
 """Go's default trace length."""
+
+CLIENT_GONE = 499
+"""The status sent for a client that left (nginx's "client closed request")."""
 
 _SYMBOL_INLINE = 4096
 """Symbol requests up to this many bytes are answered on the loop (a thread hop costs more)."""
@@ -101,7 +105,7 @@ def _href(name: str) -> str:
 
 
 class ClientGone(Exception):
-    """The client left: no response is sent (nobody would read it), nothing is logged."""
+    """The client left: nothing more is built, nothing is logged (see ``CLIENT_GONE``)."""
 
 
 class Call:
@@ -184,7 +188,14 @@ class _MethodGuard:
         else:
             response = await self._run(request, receive)
         if response is None:
-            return  # the client left
+            # The client left. Nobody reads this, but a middleware in between must see a
+            # response (Starlette's BaseHTTPMiddleware raises "No response returned."
+            # without one). Go's text, and a 4xx (nginx's 499): a scraper abandoning
+            # requests must not count as the service's 5xx.
+            response = serve_error(CLIENT_GONE, "context canceled")
+            with contextlib.suppress(OSError):  # ASGI servers may refuse a send now
+                await response(scope, receive, send)
+            return
         if request.method == "HEAD":
             response.body = b""
         await response(scope, receive, send)

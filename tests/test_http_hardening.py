@@ -33,6 +33,7 @@ from asgi_pprof.profiles import ProfileError
 from tests.conftest import ServerThread, free_port, mounted
 
 ROOT = Path(__file__).resolve().parent.parent
+GONE = 499  # what a client that left is sent (nobody reads it; a middleware needs one)
 
 
 # --- a raw ASGI client -------------------------------------------------------------------
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class Result:
-    status: int | None  # None: the app sent nothing (the client had left)
+    status: int | None  # None: the app sent nothing
     headers: dict[str, str]
     body: bytes
     seconds: float
@@ -297,7 +298,7 @@ async def test_profile_huge_seconds_is_the_default(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(tracing, "capture", fake_capture)
     app = mounted(max_seconds=60)
     r = await asgi_call(app, "GET", f"/debug/pprof/profile?seconds={HUGE}".encode())
-    assert r.status is None  # the collector said the client left: no response
+    assert r.status == GONE  # the collector said the client left: nothing built
     # Go: ParseFloat("1e309") is ErrRange, so the trace falls back to its default 1 s;
     # 5000 nines likewise; the literal "inf" is no error and gives an immediate trace.
     for q in ("1e309", HUGE, "inf", "0x1p99999"):
@@ -373,13 +374,43 @@ async def test_big_symbol_body_is_parsed_off_the_loop(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.anyio
-async def test_client_leaving_mid_post_logs_nothing_and_sends_nothing(
+async def test_client_leaving_mid_post_logs_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     app = mounted()
     body = b"0x1+" * 10_000
     r = await asgi_call(app, "POST", b"/debug/pprof/symbol", body, chunk=1000, stall_body=True)
-    assert r.status is None
+    assert r.status == GONE
+    assert r.body == b"context canceled\n"
+    assert_no_tracebacks(caplog)
+
+
+@pytest.mark.anyio
+async def test_client_leaving_behind_base_http_middleware_logs_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """FastAPI's ``@app.middleware("http")`` is a BaseHTTPMiddleware: it raises "No
+    response returned." (a 500 and a traceback) for an app that sends nothing."""
+    from fastapi import FastAPI
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def passthrough(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        return response
+
+    app.mount("/debug/pprof", create_app())
+    for target in (b"/debug/pprof/goroutine?seconds=10", b"/debug/pprof/profile?seconds=10"):
+        r = await asgi_call(app, "GET", target, disconnect_after=0.3)
+        assert r.status == GONE, r.body
+        assert r.seconds < 3
+    r = await asgi_call(
+        app, "POST", b"/debug/pprof/symbol", b"0x1+" * 1000, chunk=100, stall_body=True
+    )
+    assert r.status == GONE
     assert_no_tracebacks(caplog)
 
 
@@ -507,7 +538,7 @@ async def test_disconnect_ends_every_window_and_starts_no_follow_up_work(
         for t in targets:
             tg.start_soon(one, t)
     took = time.monotonic() - t0
-    assert [r.status for r in results] == [None] * len(targets), [r.body for r in results]
+    assert [r.status for r in results] == [GONE] * len(targets), [r.body for r in results]
     # 0.5 s plus one snapshot per delta, with room for a loaded machine; before the fix
     # each request ran its whole 20-30 s window.
     assert took < 5, took
@@ -584,7 +615,7 @@ async def test_heap_window_mode_limits_over_http() -> None:
     assert r.status == 400
     assert r.body == b"profile duration exceeds server's limit of 3 seconds\n"
     r = await asgi_call(app, "GET", b"/debug/pprof/goroutine?seconds=4", disconnect_after=0.1)
-    assert r.status is None  # other deltas keep max_seconds
+    assert r.status == GONE  # other deltas keep max_seconds (the client left after 0.1 s)
     app = mounted(heap_window=False)
     r = await asgi_call(app, "GET", b"/debug/pprof/heap?seconds=1")
     assert r.status == 403
@@ -958,7 +989,7 @@ async def test_generated_corpus_never_gets_5xx_or_a_traceback(
     assert not bad, bad[:5]
     assert sum(statuses.values()) == len(reqs)
     assert statuses.get(200, 0) > 100  # the corpus reaches real answers, not just errors
-    assert statuses.get(None, 0) > 30  # and clients that left
+    assert statuses.get(GONE, 0) > 30  # and clients that left
     assert_no_tracebacks(caplog)
     assert concurrency.open_window_count() == 0
     assert limits.open_windows() == 0
