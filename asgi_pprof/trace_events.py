@@ -55,9 +55,9 @@ marks the thread gone."""
 GC = 2
 """``(GC, ident, t0, t1, generation, collected, uncollectable)``: one collection."""
 NEW = 3
-"""``[NEW, ident, t, loop_id, task_name, code, task_id, None, request]``: a task was created."""
+"""``(NEW, ident, t, loop_id, task_name, code, task_id, request)``: a task was created."""
 DONE = 4
-"""``(DONE, ident, t, loop_id, task_name, code, state, task_id, request)``: a task finished."""
+"""``(DONE, ident, t, loop_id, task_name, code, task_id, request, state)``: a task finished."""
 
 _SYNTHETIC_TID = 1_000_000_000
 """Synthetic track ids start here: above any Linux thread id (pid_max <= 2**22)."""
@@ -108,6 +108,8 @@ class RawTrace:
     """The CPU sampler's ticks: ``(perf_counter_ns, thread ident, stack leaf first)``, each
     one ``cpu_period_ns`` of that thread's CPU."""
     cpu_period_ns: int = 10_000_000
+    late_names: dict[int, str] = field(default_factory=dict)
+    """``task id -> name`` of the tasks still running when the capture ended."""
     cpu_exact: int | None = None
     """Ident of the thread that took its own ticks (SIGPROF on the main thread): exact frames."""
 
@@ -407,24 +409,30 @@ def _task_tracks(
     out: list[Timed] = []
     alive = {li.loop_id: li.tasks_at_start for li in raw.loops}
     recs = gentle_sorted((r for r in raw.records if r[0] in (NEW, DONE)), key=lambda r: r[2])
-    # A task may be named after its factory ran (3.11/3.12); when it finished during the
-    # capture its completion carries the final name: give it to the creation too.
+    # A task may be named after its factory ran (3.11/3.12): its completion carries the
+    # final name, or, still running when the capture ended, the name it had then. (Later
+    # records first: a task id is reused only after that task is gone.)
     final: dict[int, str] = {}
-    for r in reversed(recs):
+    late = dict(raw.late_names)
+    task_names: list[str] = [r[4] for r in recs]
+    for i in range(len(recs) - 1, -1, -1):
+        r = recs[i]
         if r[0] == DONE:
-            final[r[7]] = r[4]
+            final[r[6]] = r[4]
         elif r[6] in final:
-            r[4] = final.pop(r[6])
-    for r in recs:
+            task_names[i] = final.pop(r[6])
+        elif r[6] in late:
+            task_names[i] = late.pop(r[6])
+    for r, task_name in zip(recs, task_names, strict=True):
         kind, _, t, loop_id = r[0], r[1], r[2], r[3]
         tid = tid_of_loop.get(loop_id)
         if tid is None:
             continue
         coro = names.what(r[5]) if r[5] is not None else "?"
-        args: dict[str, Any] = {"task": r[4], "coro": coro}
+        args: dict[str, Any] = {"task": task_name, "coro": coro}
         if kind == DONE:
-            args["state"] = r[6]
-        request = raw.request_labels.get(r[8]) if r[8] is not None else None
+            args["state"] = r[8]
+        request = raw.request_labels.get(r[7]) if r[7] is not None else None
         if request is not None:
             args["request"] = request
             coro = f"{coro} · {request}"
@@ -435,7 +443,7 @@ def _task_tracks(
                 {
                     "ph": "i",
                     "s": "t",
-                    "name": f"{verb} {r[4]} {coro}",
+                    "name": f"{verb} {task_name} {coro}",
                     "cat": f"asyncio.task.{verb}",
                     "pid": pid,
                     "tid": tid,

@@ -24,7 +24,6 @@ import functools
 import gc
 import logging
 import operator
-import sys
 import threading
 import time
 import types
@@ -67,10 +66,9 @@ _CODE = operator.itemgetter(0)  # a raw frame's code object
 _FunctionType = types.FunctionType
 _MethodType = types.MethodType
 _BuiltinType = types.BuiltinMethodType
-_FACTORY_RENAMES = (3, 13, 0) <= sys.version_info[:3] < (3, 13, 3)
-"""On 3.13.0-3.13.2 ``BaseEventLoop.create_task`` calls ``task.set_name(name)`` after any
-custom task factory, even when no name was given: the task becomes ``"None"`` (CPython
-gh-130033). Our factory puts the name back before the task's first step runs."""
+_IDLE_HZ = 25
+"""Wall-clock sampling rate while no loop step runs long (then ``trace_sample_hz``)."""
+
 
 _UVLOOP_NOTE = (
     "loop {type} does not run asyncio.Handle callbacks (uvloop runs its own): its steps "
@@ -93,9 +91,17 @@ def _run_step(self: asyncio.Handle) -> None:
     if rec is None:
         _original_run(self)
         return
-    if rec.renamed:
-        rec.unrename(self)
-    t0 = _now()
+    cb = self._callback  # type: ignore[attr-defined]
+    tp = type(cb)
+    owner = None if tp is _FunctionType else getattr(cb, "__self__", None)
+    task = None
+    if owner is not None and (type(owner) in _TASK_TYPE_SET or isinstance(owner, _TASK_TYPES)):
+        task = owner  # a task's step (its __step or __wakeup)
+        if id(task) not in rec.seen:
+            # Its first step in this capture, before it runs: a new task's coroutine has
+            # not started, so its arguments tell which request it serves.
+            rec.first_step(task)
+    t0 = rec.step_start = _now()
     try:
         _original_run(self)
     finally:
@@ -105,22 +111,19 @@ def _run_step(self: asyncio.Handle) -> None:
             loop = self._loop  # type: ignore[attr-defined]
             if loop is not rec.last_loop:
                 rec.see_loop(loop)
-            cb = self._callback  # type: ignore[attr-defined]
-            tp = type(cb)
-            owner = None if tp is _FunctionType else getattr(cb, "__self__", None)
-            if owner is not None and (
-                type(owner) in _TASK_TYPE_SET or isinstance(owner, _TASK_TYPES)
-            ):
-                # A task's step (its __step or __wakeup): name it after the task's coroutine.
-                name = owner.get_name()
-                coro = owner.get_coro()
+            if task is not None:
+                # Named after the task's coroutine (and the request it serves).
+                name = task.get_name()
+                coro = task.get_coro()
                 code = getattr(coro, "cr_code", None) or _code_of(coro)
-                req = rec.request_of.get(id(owner))
+                key = id(task)
+                req = rec.request_of.get(key)
                 records.append((STEP, id(loop), t0, t1, code, name, req))
-                if owner.done():  # the step that finished it (one record past the limit at most)
-                    state = _task_state(owner)
+                if task.done():  # the step that finished it (one record past the limit at most)
+                    state = _task_state(task)
                     ident = _get_ident()
-                    records.append((DONE, ident, t1, id(loop), name, code, state, id(owner), req))
+                    records.append((DONE, ident, t1, id(loop), name, code, key, req, state))
+                    rec.seen.discard(key)  # the id may be reused by a new task
                     if req is not None:
                         rec.requests.finished(req)
             else:
@@ -193,11 +196,11 @@ class _Recorder:
         self.limit = options.trace_max_events
         self.hz = options.trace_sample_hz
         self.records: list[Any] = []
-        self.created: list[list[Any]] = []
-        """The NEW records (their names are read again when the capture ends)."""
+        self.late_names: dict[int, str] = {}
+        self.step_start = 0
+        """When the running loop step started, written by the step hook."""
         self.step_end = 0
         """When the last loop step ended (``perf_counter_ns``), written by the step hook."""
-        self.renamed: dict[asyncio.Task[Any], str] = {}
         self.truncated_ns: int | None = None
         self.dropped = 0
         self.loops: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
@@ -205,7 +208,13 @@ class _Recorder:
         self.requests = Requests()
         self.request_of = self.requests.of_task  # read by the step hook on every task step
         self.steps_visible = isinstance(loop, asyncio.BaseEventLoop)
-        self.tasks_at_start = len(asyncio.all_tasks(loop))
+        self.seen: set[int] = set()
+        """Ids of the tasks whose first step in this capture was seen (until they finish)."""
+        self.existing = {id(t) for t in asyncio.all_tasks(loop)} if self.steps_visible else set()
+        """Ids of the request loop's tasks made before the capture, not yet stepped."""
+        self.tasks_at_start = (
+            len(self.existing) if self.steps_visible else len(asyncio.all_tasks(loop))
+        )
         self.threads: dict[int, tuple[int | None, str]] = {}
         self._gc_t0 = 0
         self._prev_factory: Any = None
@@ -277,18 +286,15 @@ class _Recorder:
             # Someone set a factory over ours during the capture and still calls ours:
             # after it, we only pass tasks through (and keep nothing).
             return task
-        if _FACTORY_RENAMES and "name" not in kwargs and isinstance(loop, asyncio.BaseEventLoop):
-            self.renamed[task] = task.get_name()
         t = _now()
         if not self.full(t):
             code = _code_of(coro)
             req = self.requests.task_created(task, coro, code)
-            # The name may still change (3.11/3.12 set it after the factory returns):
-            # keep a weak reference and read the name again when the capture stops.
-            record = [NEW, _get_ident(), t, id(loop), task.get_name(), code, id(task)]
-            record += [weakref.ref(task), req]
-            self.records.append(record)
-            self.created.append(record)
+            # The name may still change (3.11/3.12 set it after the factory returns): the
+            # task's completion, or the end of the capture (see read_names), tells.
+            self.records.append(
+                (NEW, _get_ident(), t, id(loop), task.get_name(), code, id(task), req)
+            )
             if task.done():
                 self._on_done(task)
             elif not self.steps_visible:
@@ -296,14 +302,27 @@ class _Recorder:
                 self._watched.add(task)
         return task
 
-    def unrename(self, handle: asyncio.Handle) -> None:
-        """Give back the name 3.13.0-3.13.2 took from a task, before its first step runs."""
-        owner = getattr(handle._callback, "__self__", None)  # type: ignore[attr-defined]
-        if isinstance(owner, _TASK_TYPES):  # (a callback's owner may not even be hashable)
-            task = cast("asyncio.Task[Any]", owner)
-            name = self.renamed.pop(task, None)
-            if name is not None and task.get_name() == "None":
-                task.set_name(name)
+    def first_step(self, task: asyncio.Task[Any]) -> None:
+        """Note a task's first step in this capture, before it runs (asyncio loops only).
+
+        A task of the request's loop that did not exist when the capture started is
+        recorded as created now: for a task, its first step follows its creation within
+        one loop iteration, and watching steps costs less than a task factory would.
+        """
+        key = id(task)
+        self.seen.add(key)
+        coro = task.get_coro()
+        code = _code_of(coro)
+        req = self.requests.task_created(task, coro, code)
+        if key in self.existing:
+            self.existing.discard(key)  # a later task with this id is a new one
+            return
+        if task.get_loop() is not self.loop:
+            return  # creation is tracked on the loop that serves the trace request
+        t = _now()
+        if not self.full(t):
+            name = task.get_name()
+            self.records.append((NEW, _get_ident(), t, id(self.loop), name, code, key, req))
 
     def _on_done(self, task: asyncio.Future[Any]) -> None:
         if _active is not self:
@@ -325,9 +344,9 @@ class _Recorder:
                 id(task.get_loop()),
                 name,
                 _code_of(coro),
-                _task_state(task),
                 id(task),
                 req,
+                _task_state(task),
             )
         )
 
@@ -345,26 +364,26 @@ class _Recorder:
 
     def _sample(self) -> None:
         me = _get_ident()
-        interval_ns = 1_000_000_000 // self.hz
+        fast = 1 / self.hz
+        slow = max(fast, 1 / _IDLE_HZ)
+        fast_ns = 1_000_000_000 // self.hz
         current: dict[int, list[Any]] = {}
         skip: set[int] = set()
         refresh_at = 0
-        due = _now()
         stop = self._stop
-        while not stop.is_set():
+        # One wake-up per sample: every wake-up takes the GIL from the threads that run,
+        # which costs more than the sample itself. Event.wait sees a stop at once.
+        while not stop.wait(fast if self._stalled(fast_ns) else slow):
             now = _now()
-            due = max(due + interval_ns, now)  # fixed rate; never a burst to catch up
-            # time.sleep, not Event.wait: far less Python code (run with the GIL held) per
-            # tick; slices of at most 5 ms so that a stop is seen that soon.
-            while now < due and not stop.is_set():
-                time.sleep(min(due - now, 5_000_000) / 1e9)
-                now = _now()
-            if stop.is_set():
-                break
             if now >= refresh_at:
                 skip = self._refresh_threads() | {me}
                 refresh_at = now + 100_000_000
             self._sample_once(current, skip)
+
+    def _stalled(self, after_ns: int) -> bool:
+        """Return True while a loop step has been running for ``after_ns`` or longer."""
+        start = self.step_start
+        return start > self.step_end and _now() - start >= after_ns
 
     def _sample_once(self, current: dict[int, list[Any]], skip: set[int]) -> None:
         """Read every thread's stack once; a stack that did not change extends its record.
@@ -417,8 +436,10 @@ class _Recorder:
         global _active, _original_run
         self._refresh_threads()
         gc.callbacks.append(self.on_gc)
-        self._prev_factory = self.loop.get_task_factory()
-        self.loop.set_task_factory(self.task_factory)
+        if not self.steps_visible:
+            # uvloop runs its own handles: the step hook never sees its tasks, a factory does.
+            self._prev_factory = self.loop.get_task_factory()
+            self.loop.set_task_factory(self.task_factory)
         current = asyncio.Handle.__dict__["_run"]
         if current is not _run_step:
             _original_run = current
@@ -466,31 +487,24 @@ class _Recorder:
                 # It wakes at once (the event is set) and finishes at most one sample.
                 self._sampler.join(5)
                 self._sampler = None
-        for task, name in self.renamed.items():  # created, never stepped during the window
-            if task.get_name() == "None":
-                task.set_name(name)
-        self.renamed = {}
         # Labels come from the scopes of requests still running: read them now, on the
         # loop's thread, while nothing else changes them.
         self.requests.finish_all()
         self._refresh_threads()
 
+    def read_names(self) -> None:
+        """Read the names of the tasks still running (on the loop, for a trace to be written)."""
+        self.late_names = {id(t): t.get_name() for t in asyncio.all_tasks(self.loop)}
+
     def discard(self) -> None:
         """Drop everything recorded (the client left: nothing will be written)."""
         self.records = []
-        self.created = []
         self.loops = {}
         self.requests = Requests()
         self._cpu = None
 
     def raw(self, ended_early: bool) -> RawTrace:
         """Return the records as a :class:`RawTrace` (after :meth:`uninstall`; any thread)."""
-        for r in self.created:  # the names tasks were given after their factory ran
-            task = r[7]()
-            if task is not None:
-                r[4] = task.get_name()
-            r[7] = None
-        self.created = []
         loops: list[LoopInfo] = []
         seen = dict(self.loops)
         seen.setdefault(id(self.loop), (self.loop, self.loop_ident))
@@ -538,6 +552,7 @@ class _Recorder:
             cpu_ticks=list(self._cpu.timeline or ()) if self._cpu is not None else [],
             cpu_period_ns=self._cpu_sampler.period_ns,
             cpu_exact=self.cpu_exact,
+            late_names=self.late_names,
         )
         self._cpu = None
         self.records = []
@@ -571,6 +586,7 @@ async def capture(seconds: float, window: Window, options: Options) -> bytes:
         if not completed:
             raise ProfileError(500, "context canceled")
         early = time.monotonic() - t0 < seconds - 0.01
+        rec.read_names()
         return await run_in_thread(_write, rec, early)
     finally:
         _lock.release()

@@ -514,13 +514,14 @@ async def test_unnamed_tasks_keep_their_names() -> None:
     assert seen["after"] == inside[0]
     assert re.fullmatch(r"Task-\d+", inside[1]), inside
     assert last[0].get_name() == inside[1]
-    if not tracing._FACTORY_RENAMES:  # there it is "None" until the task's first step
-        assert seen["created"] == inside[0]
+    assert seen["created"] == inside[0]
 
 
-async def test_factory_set_over_ours_keeps_working_after_the_trace() -> None:
-    """A factory installed during a trace that chains to ours: ours passes tasks through."""
-    loop = asyncio.get_running_loop()
+def test_factory_set_over_ours_keeps_working_after_the_trace() -> None:
+    """uvloop (the one loop we set a factory on): a factory set during a trace that chains
+    to ours keeps working afterwards, and ours only passes tasks through."""
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
     made: list[str] = []
 
     async def work() -> None:
@@ -534,18 +535,39 @@ async def test_factory_set_over_ours_keeps_working_after_the_trace() -> None:
 
         loop.set_task_factory(theirs)
 
+    async def after() -> int:
+        return await asyncio.create_task(trace_test_short_task(7))
+
     try:
-        w = asyncio.create_task(work())
-        body = await tracing.capture(0.1, SleepWindow(), Options())
-        await w
+        doc = run_capture(loop, work, 0.1)
         assert loop.get_task_factory() is not None  # theirs stays: not ours to remove
-        n = len(json.loads(body)["traceEvents"])
-        assert await asyncio.create_task(trace_test_short_task(7)) == 7
-        assert made == ["theirs"]
+        n = len(doc["traceEvents"])
+        assert loop.run_until_complete(after()) == 7
+        assert made == ["theirs", "theirs"]  # run_until_complete's task, then after()'s
         assert not tracing.is_capturing()
-        assert len(json.loads(body)["traceEvents"]) == n
+        assert len(doc["traceEvents"]) == n
     finally:
-        loop.set_task_factory(None)
+        loop.close()
+
+
+def test_no_task_factory_on_asyncio() -> None:
+    """On asyncio loops the step hook sees every task: the loop's factory is left alone."""
+    loop = asyncio.new_event_loop()
+    factories: list[object] = []
+
+    async def work() -> None:
+        await asyncio.sleep(0.02)
+        factories.append(loop.get_task_factory())
+        await asyncio.create_task(trace_test_short_task(1), name="no-factory")
+
+    try:
+        doc = run_capture(loop, work, 0.1)
+    finally:
+        loop.close()
+    assert factories == [None]
+    names = [e["name"] for e in doc["traceEvents"] if e["ph"] == "i"]
+    assert f"created no-factory {_coro()}" in names
+    assert f"done no-factory {_coro()}" in names
 
 
 async def test_disconnect_ends_capture_and_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -584,7 +606,8 @@ async def test_disconnect_ends_capture_and_cleans_up(monkeypatch: pytest.MonkeyP
     assert time.monotonic() - t_disconnect < 1.0
     assert tracing.is_capturing() is False
     assert written == [], "a trace was written for a client that left"
-    assert sent == [], "nobody reads a response once the client left"
+    # (What the client that left is sent, if anything, is the endpoint's business.)
+    assert all(m.get("status", 200) != 200 for m in sent), sent
     assert hooks() == before
 
 
@@ -852,7 +875,7 @@ async def test_loop_cpu_track_shows_short_bursts_where_they_burn() -> None:
         started = time.monotonic()
         while not tracing.is_capturing() and time.monotonic() - started < 2:
             await asyncio.sleep(0.005)
-        n, end = 0, time.monotonic() + 2.5
+        n, end = 0, time.monotonic() + 4.0
         while time.monotonic() < end:
             alpha_burst()
             beta_burst()
@@ -861,7 +884,7 @@ async def test_loop_cpu_track_shows_short_bursts_where_they_burn() -> None:
         done["cycles"] = n
 
     task = asyncio.create_task(work())
-    body = await tracing.capture(3.0, SleepWindow(), Options(sample_hz=250))
+    body = await tracing.capture(4.5, SleepWindow(), Options(sample_hz=250))
     await task
     doc = json.loads(body)
     events = check_format(doc)
@@ -871,10 +894,11 @@ async def test_loop_cpu_track_shows_short_bursts_where_they_burn() -> None:
     split = cpu_split(events, cpu_tid, ("workloads.alpha_burst", "workloads.beta_burst"))
     alpha, beta = split["workloads.alpha_burst"], split["workloads.beta_burst"]
     print(f"CPU track: alpha {alpha:.0f} ms, beta {beta:.0f} ms, {done['cycles']} cycles")
-    # 2.5 s at ~60 % CPU and 250 Hz (kernel ticks every 4 ms): ~280 alpha and ~95 beta
-    # ticks; binomial noise on the ratio is about +-12 % (1 sigma): 2.1..4.2 is > 2.5 sigma.
+    # 4 s at ~60 % CPU (less when the machine is loaded) and 250 Hz (kernel ticks every
+    # 4 ms): ~320 alpha and ~110 beta ticks; the ratio's sampling noise is ~0.33 (1 sigma)
+    # around 3: 1.9..4.6 is > 3 sigma, and still fails an equal split or no split at all.
     assert beta > 0, split
-    assert 2.1 <= alpha / beta <= 4.2, split
+    assert 1.9 <= alpha / beta <= 4.6, split
     # The totals are the CPU really burnt (independent truth: each cycle spins 2.7 + 0.9 ms
     # of thread CPU time), within sampling noise (~6 %) and a margin for ticks lost at the
     # window's edges.
