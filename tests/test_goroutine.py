@@ -6,7 +6,10 @@ import asyncio
 import gc
 import inspect
 import re
+import statistics
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -543,3 +546,36 @@ async def test_known_loops_lists_running_loops_once_and_never_a_closed_one(
         other.close()
     assert other not in tasks.known_loops()
     assert mine in tasks.known_loops()
+
+
+async def test_reading_10000_tasks_lets_the_loop_in_without_waiting_out_the_switch_interval() -> (
+    None
+):
+    # A worker thread that never blocks keeps the GIL until the switch interval (5 ms)
+    # forces it off, so a loop waking up behind it waits about that long every time:
+    # the median wake-up delay of a 1 ms timer is then the interval itself (measured:
+    # 5.2 ms, steady even on a loaded machine). The reader gives the GIL back every
+    # millisecond, so the loop gets in at once (measured: 0.1-0.3 ms). The median
+    # ignores the OS's scheduling outliers; half the interval separates the two cases.
+    from asgi_pprof.goroutine import GoroutineProfile
+
+    delays: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            delays.append(time.perf_counter() - t - 0.001)
+
+    prof = GoroutineProfile()
+    async with many_tasks():
+        await prof.text(2)  # warm-up: the worker thread exists, frames are made
+        tick = asyncio.create_task(ticker())
+        try:
+            await prof.text(2)
+        finally:
+            stop.set()
+            await tick
+    assert len(delays) > 20, "the dump was too short to measure"
+    assert statistics.median(delays) < sys.getswitchinterval() / 2, statistics.median(delays)
