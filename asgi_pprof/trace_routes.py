@@ -129,6 +129,7 @@ class Requests:
         self._scopes: dict[int, dict[str, Any]] = {}
         self._codes: dict[types.CodeType, bool] = {}
         self._distinct: set[str] = set()
+        self._by_path: dict[tuple[str, str], str] = {}
         self._unrouted = 0
         self._next = 1
 
@@ -172,6 +173,16 @@ class Requests:
         path = scope.get("path")
         if not isinstance(path, str):
             path = "?"
+        # The same method and path route the same way: most requests are a lookup.
+        key = (method, path)
+        text = self._by_path.get(key)
+        if text is None:
+            text = self._label(scope, method, path)
+            if len(self._by_path) < 10_000:
+                self._by_path[key] = text
+        return text
+
+    def _label(self, scope: dict[str, Any], method: str, path: str) -> str:
         routed = "endpoint" in scope or "route" in scope
         tail = _mount_template(scope) if routed else None
         if tail is None:
