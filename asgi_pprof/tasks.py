@@ -219,14 +219,6 @@ def _all_tasks() -> list[asyncio.Task[Any]]:
     return list(dict.fromkeys(found))
 
 
-def _live(task: asyncio.Task[Any]) -> bool:
-    try:
-        loop = task.get_loop()
-        return not task.done() and loop.is_running() and not loop.is_closed()
-    except Exception:
-        return False
-
-
 _done = operator.methodcaller("done")
 _get_loop = operator.methodcaller("get_loop")
 
@@ -393,6 +385,8 @@ def snapshot(track_creation: bool = False) -> Snapshot:
     loop_index: dict[int, int] = {}
     loop_time: list[float | None] = []
     loop_ident: list[int | None] = []
+    loop_live: list[bool] = []
+    loop_sites: list[bool] = []
     loops: list[asyncio.AbstractEventLoop] = []
     stack_index: dict[Stack, int] = {}
     site_index: dict[tuple[Any, ...], int] = {}
@@ -401,18 +395,27 @@ def snapshot(track_creation: bool = False) -> Snapshot:
     pace = _Pacer()
     for task in _all_tasks():
         pace()
-        if not _live(task):
-            continue
-        loop = task.get_loop()
+        try:
+            if task.done():
+                continue
+            loop = task.get_loop()
+        except Exception:
+            continue  # not a task after all
         li = loop_index.get(id(loop))
         if li is None:
+            # Each loop is asked about itself once per snapshot, not once per task.
             li = loop_index[id(loop)] = len(loops)
             loops.append(loop)
             loop_ident.append(_loop_ident(loop))
+            loop_sites.append(creation.is_tracked(loop))
             try:
+                loop_live.append(loop.is_running() and not loop.is_closed())
                 loop_time.append(loop.time())
             except Exception:
+                loop_live.append(False)
                 loop_time.append(None)
+        if not loop_live[li]:
+            continue
         got = chains.read(task, threads, loop_time[li], loop_ident[li])
         if got is None:
             continue  # finished while we looked: no longer a goroutine
@@ -437,7 +440,7 @@ def snapshot(track_creation: bool = False) -> Snapshot:
             si = stack_index[stack] = len(snap.stacks)
             snap.stacks.append(stack)
         ci, cpid, cname, age = -1, 0, "", 0.0
-        site = creation.site_of(task)
+        site = creation.site_of(task) if loop_sites[li] else None
         if site is not None:
             key, cpid, cname, when = site
             ci = site_index.get(key, -1)
@@ -464,7 +467,11 @@ def snapshot(track_creation: bool = False) -> Snapshot:
         del got
     snap.rows = running + others
     snap._row_of = {row[0]: i for i, row in enumerate(snap.rows)}
-    for loop in loops:
+    for li, loop in enumerate(loops):
+        if not loop_live[li]:
+            snap.loops.append("")  # no task of it is in the snapshot
+            snap.tracked.append(False)
+            continue
         # Labelled at the end: a loop's thread may have been learnt midway.
         snap.loops.append(loop_thread(loop))
         snap.tracked.append(creation.is_tracked(loop))
