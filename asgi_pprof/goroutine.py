@@ -3,7 +3,8 @@
 A "goroutine" is an asyncio task of any running loop or a Python thread (see
 ``tasks``). ``debug=0`` is profile.proto with one ``goroutine/count`` sample per
 distinct stack and label set; ``debug=1`` Go's count text; ``debug=2`` a dump in the
-spirit of Go's panic output, one block per task or thread, identical tasks grouped.
+spirit of Go's panic output: identical tasks share a block, and every task has a line of
+its own with its id, name, wait and who awaits it, so ``grep`` finds any of them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 
 from . import tasks, threads
 from .concurrency import run_in_thread
-from .model import Frame, ProfileData, Sample, Stack, ValueType, labels_of
+from .model import Frame, Labels, ProfileData, Sample, Stack, ValueType, labels_of
 from .options import Options
 from .profiles import NamedProfile
 from .tasks import StackRecord
@@ -30,7 +31,7 @@ def _label_key(rec: StackRecord) -> tuple[str, str, str, str]:
     return (rec.kind, rec.state, rec.wait, rec.loop if rec.kind == "task" else rec.name)
 
 
-def _labels(key: tuple[str, str, str, str]) -> tuple[tuple[str, str], ...]:
+def _labels(key: tuple[str, str, str, str]) -> Labels:
     # Low-cardinality values only, so -tagfocus splits and debug=1 still groups:
     # task names and ids are often unique and live in the debug=2 dump.
     kind, state, wait, where = key
@@ -48,8 +49,8 @@ def to_profile(records: Iterable[StackRecord]) -> ProfileData:
     """Return the goroutine profile of ``records``: one sample per stack and label set."""
     # Counted straight into one entry per distinct (stack, labels): one object per
     # task would mean tens of thousands the garbage collector must track and walk.
-    labels: dict[tuple[str, str, str, str], tuple[tuple[str, str], ...]] = {}
-    counts: dict[tuple[Stack, tuple[tuple[str, str], ...]], int] = {}
+    labels: dict[tuple[str, str, str, str], Labels] = {}
+    counts: dict[tuple[Stack, Labels], int] = {}
     for r in records:
         lk = _label_key(r)
         lab = labels.get(lk)
