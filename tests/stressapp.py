@@ -42,6 +42,7 @@ app = Starlette(
     routes=[
         Route("/sync", sync_route),
         Route("/cpu", cpu_route),
-        Mount("/debug/pprof", app=create_app()),
+        # Every churned request really opens a window (the default limit is 8 at once).
+        Mount("/debug/pprof", app=create_app(max_windows=1000)),
     ]
 )
