@@ -53,8 +53,12 @@
 #define MAX_BUCKETS (1u << 20)
 #define STACK_NONE 0u     /* an allocation with no Python frame */
 #define STACK_OVERFLOW 1u /* the stack table was full */
-#define FILTER_BITS 18
-#define FILTER_WORDS ((1u << FILTER_BITS) / 64)
+/* The free path's bit filter of sampled pointers: at least 16 bits per live sample (a
+ * false positive, a locked table lookup, on < 1/16 of frees), 4 KiB (in L1) for small
+ * heaps, up to 512 KiB. Static so it never moves; untouched pages cost no memory. */
+#define FILTER_MIN_BITS 15
+#define FILTER_MAX_BITS 22
+#define FILTER_WORDS ((1u << FILTER_MAX_BITS) / 64)
 
 #if PY_VERSION_HEX >= 0x030D0000
 #define MS_TSTATE() PyThreadState_GetUnchecked()
@@ -130,6 +134,7 @@ static uint32_t bucket_index_cap = 0;
 static ms_live *live = NULL;
 static size_t live_count = 0, live_cap = 0;
 static uint64_t filter[FILTER_WORDS];
+static unsigned filter_bits = FILTER_MIN_BITS;
 static size_t filter_stale = 0; /* removals since the filter was rebuilt */
 
 static uint64_t n_samples = 0, n_skipped = 0, n_stale = 0, n_displaced = 0;
@@ -150,12 +155,12 @@ static inline uint64_t mix64(uint64_t x) {
 static inline uint64_t ptr_hash(uintptr_t p) { return (uint64_t)(p >> 4) * 0x9E3779B97F4A7C15ULL; }
 
 static inline int filter_test(const void *p) {
-    uint64_t h = ptr_hash((uintptr_t)p) >> (64 - FILTER_BITS);
+    uint64_t h = ptr_hash((uintptr_t)p) >> (64 - filter_bits);
     return (int)((filter[h >> 6] >> (h & 63)) & 1u);
 }
 
 static inline void filter_set(uintptr_t p) {
-    uint64_t h = ptr_hash(p) >> (64 - FILTER_BITS);
+    uint64_t h = ptr_hash(p) >> (64 - filter_bits);
     filter[h >> 6] |= (uint64_t)1 << (h & 63);
 }
 
@@ -203,7 +208,12 @@ static void *xrealloc_array(void *p, size_t n, size_t elem) {
 /* --- the live table (sampled pointers): linear probing, backward-shift delete ------ */
 
 static void filter_rebuild(void) {
-    memset(filter, 0, sizeof(filter));
+    unsigned bits = FILTER_MIN_BITS;
+    while (bits < FILTER_MAX_BITS && ((uint64_t)1 << bits) < (uint64_t)live_count * 16) {
+        bits++;
+    }
+    memset(filter, 0, ((size_t)1 << (bits > filter_bits ? bits : filter_bits)) / 8);
+    filter_bits = bits;
     for (size_t i = 0; i < live_cap; i++) {
         if (live[i].ptr) {
             filter_set(live[i].ptr);
@@ -477,7 +487,11 @@ static void record(uintptr_t p, size_t size, size_t r, const ms_frame *f, uint32
     live[j].size = size;
     live[j].bucket = bid;
     live_count++;
-    filter_set(p);
+    if (((uint64_t)1 << filter_bits) < (uint64_t)live_count * 16 && filter_bits < FILTER_MAX_BITS) {
+        filter_rebuild(); /* grows it; the new entry is in `live`, so it is set too */
+    } else {
+        filter_set(p);
+    }
     buckets[bid].allocs++;
     buckets[bid].alloc_bytes += size;
     n_samples++;
@@ -534,7 +548,7 @@ static uint32_t capture(PyThreadState *ts) {
 }
 
 /* The slow path: an allocation reached the countdown. */
-static void sampled(ms_domain *d, void *p, size_t size) {
+__attribute__((noinline, cold)) static void sampled(ms_domain *d, void *p, size_t size) {
     if (probing) {
         probe_hit |= d->bit;
         return;
@@ -559,7 +573,7 @@ static void sampled(ms_domain *d, void *p, size_t size) {
     until_sample = next_sample(rate);
 }
 
-static void untrack(void *p) {
+__attribute__((noinline, cold)) static void untrack(void *p) {
     pthread_mutex_lock(&lock);
     ms_live *slot = live_find((uintptr_t)p);
     if (slot != NULL) {
@@ -872,7 +886,8 @@ static PyObject *py_reset(PyObject *self, PyObject *unused) {
     bucket_index_cap = 0;
     live = NULL;
     live_count = live_cap = 0;
-    memset(filter, 0, sizeof(filter));
+    memset(filter, 0, ((size_t)1 << filter_bits) / 8);
+    filter_bits = FILTER_MIN_BITS;
     filter_stale = 0;
     table_bytes = 0;
     n_samples = n_skipped = n_stale = n_lost = 0;

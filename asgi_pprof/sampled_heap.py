@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from . import memprofile
-from .concurrency import run_in_thread
+from .concurrency import gc_deferred, run_in_thread
 from .model import ProfileData
 from .profiles import NamedProfile, ProfileError
 from .text import frame_lines, stack_header, tabwrite
@@ -64,7 +64,9 @@ def heap_text(records: list[memprofile.Record], rate: int, facts: list[tuple[str
     ``# Python memory`` trailer that says which source answered.
     """
     rows = []
-    for r in records:
+    for i, r in enumerate(records):
+        if i % 1024 == 1023:
+            memprofile.yield_gil()
         io, ib = _raw_at(r.allocs - r.frees, r.alloc_bytes - r.free_bytes, r.rate, rate)
         ao, ab = _raw_at(r.allocs, r.alloc_bytes, r.rate, rate)
         rows.append((io, ib, ao, ab, r.stack))
@@ -76,7 +78,9 @@ def heap_text(records: list[memprofile.Record], rate: int, facts: list[tuple[str
     if tab == tib:
         tab += 1
     out = [f"heap profile: {tio}: {tib} [{tao}: {tab}] @ heap/{2 * rate}\n"]
-    for io, ib, ao, ab, st in rows:
+    for i, (io, ib, ao, ab, st) in enumerate(rows):
+        if i % 256 == 255:
+            memprofile.yield_gil()
         out.append(f"{io}: {ib} [{ao}: {ab}] {stack_header(st)}\n")
         out.append(tabwrite("".join(ln + "\n" for ln in frame_lines(st))))
         out.append("\n")
@@ -128,7 +132,10 @@ class _SampledProfile(NamedProfile):
     def _build(self, gc_first: bool) -> ProfileData:
         if gc_first:
             _gc.collect()
-        data = memprofile.profile_data(self.default_sample_type)
+        # Reading a big table makes an object per bucket: enough to trigger full
+        # collections, which would hold the GIL (and stall the loop) for 100s of ms.
+        with gc_deferred():
+            data = memprofile.profile_data(self.default_sample_type)
         self.records = len(data.samples)
         return data
 
@@ -147,7 +154,8 @@ class _SampledProfile(NamedProfile):
                 _gc.collect()
             rate = memprofile.memory_profile_rate()
             facts = _facts(rate)  # read before the records, as Go reads MemStats first
-            return heap_text(memprofile.records(), rate, facts)
+            with gc_deferred():
+                return heap_text(memprofile.records(), rate, facts)
 
         return await run_in_thread(render)
 

@@ -1,0 +1,330 @@
+"""The sampled allocation profiler's cost, against tracemalloc's, in one run.
+
+Prints (1) the reference app's throughput, p99 and server CPU per request with sampling
+at 512 KiB vs off, and with tracemalloc at 1 and 16 frames (target for sampling: >= 0.98,
+Go's "minimal overhead"); (2) an allocation-heavy micro-benchmark, each variant in fresh
+processes, alternated (target: <= 5 % slower): no hooks, hooks on at 512 KiB, hooks on
+but the rate 0, tracemalloc 1 and 16 frames; (3) memory per sampled allocation and the
+table after an hour-equivalent of the reference app's traffic; (4) the time to serve
+``heap`` (proto and text) and the worst loop stall while serving it, for a small and a
+very large table (target: < 5 ms stall).
+
+Medians with (min..max) over alternated rounds. ``BENCH_QUICK=1`` runs fewer rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT, LagMonitor, RefServer, ab_rounds, load, measure, med, report
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+ROUND_S = 1.0 if QUICK else 2.0
+ROUNDS = 2 if QUICK else 3
+MICRO_ROUNDS = 3 if QUICK else 7
+RATE = 512 * 1024
+
+
+class SampledRefServer(RefServer):
+    """bench/refapp.py plus the sampled heap/allocs at /sampled/debug/pprof (memsample_app)."""
+
+    def __enter__(self) -> SampledRefServer:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.memsample_app:app",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=self.env,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(self.url + "/hello", timeout=1)
+                return self
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+# --- (1) the reference app ------------------------------------------------------------------
+
+
+def throughput() -> None:
+    print(
+        f"== reference app: memory sampling at {RATE // 1024} KiB vs off, and tracemalloc "
+        f"({ROUNDS} rounds of {ROUND_S:.0f} s each side, alternated)"
+    )
+    variants = {
+        "off": {"ASGI_PPROF_MEMORY_PROFILE_RATE": "0"},
+        "sampled 512 KiB": {"ASGI_PPROF_MEMORY_PROFILE_RATE": str(RATE)},
+        "tracemalloc 1": {"ASGI_PPROF_MEMORY_PROFILE_RATE": "0", "BENCH_TRACEMALLOC": "1"},
+        "tracemalloc 16": {"ASGI_PPROF_MEMORY_PROFILE_RATE": "0", "BENCH_TRACEMALLOC": "16"},
+    }
+    servers = {name: SampledRefServer(env) for name, env in variants.items()}
+    for s in servers.values():
+        s.__enter__()
+    try:
+        base = servers["off"]
+        for path in ("/items?n=50", "/hello"):
+            for s in servers.values():
+                measure(s, path, 0.5)  # warm up
+            for name, srv in servers.items():
+                if srv is base:
+                    continue
+                a, b = ab_rounds(
+                    ROUNDS,
+                    lambda path=path: measure(base, path, ROUND_S),
+                    lambda path=path, srv=srv: measure(srv, path, ROUND_S),
+                )
+                print(f" route {path}: off vs {name}")
+                report(name, a, b)
+    finally:
+        for s in servers.values():
+            s.__exit__(None, None, None)
+
+
+# --- (2) the allocation-heavy micro-benchmark ------------------------------------------------
+
+
+def render_rows(n: int) -> list[dict[str, object]]:
+    """Small dicts, lists, strings and floats: what a JSON handler allocates."""
+    return [{"id": i, "name": f"item-{i}", "tags": ["a", "b"], "score": i * 0.5} for i in range(n)]
+
+
+def _time_runs(runs: int = 7) -> float:
+    """Return the median CPU seconds of ``runs`` runs of the workload."""
+    times = []
+    for _ in range(runs):
+        t0 = time.thread_time()
+        for _ in range(200):
+            render_rows(200)
+        times.append(time.thread_time() - t0)
+    return statistics.median(times)
+
+
+MICRO_VARIANTS = ["no hooks", "sampled", "hooked, rate 0", "tracemalloc 1", "tracemalloc 16"]
+
+
+def micro_child() -> None:
+    """Run in a child: time every variant in this process; print JSON seconds by variant.
+
+    The hooks cannot come off once on, so the order is fixed: no hooks, then sampling at
+    512 KiB and the rate at 0 alternated, then tracemalloc. Ratios are taken within one
+    process (processes differ by more than the effect).
+    """
+    import tracemalloc
+
+    from asgi_pprof import memprofile
+
+    _time_runs(3)  # warm up
+    out: dict[str, list[float]] = {v: [] for v in MICRO_VARIANTS}
+    out["no hooks"].append(_time_runs())
+    for i in range(6):
+        for v in ("sampled", "hooked, rate 0") if i % 2 == 0 else ("hooked, rate 0", "sampled"):
+            memprofile.set_memory_profile_rate(RATE if v == "sampled" else 0)
+            out[v].append(_time_runs(3))
+    memprofile.set_memory_profile_rate(0)
+    for frames in (1, 16):
+        tracemalloc.start(frames)
+        out[f"tracemalloc {frames}"].append(_time_runs(3))
+        tracemalloc.stop()
+    print(json.dumps({v: statistics.median(t) for v, t in out.items()}))
+
+
+def micro() -> None:
+    print(
+        "== allocation-heavy micro-benchmark: 200 x render_rows(200) (~40 k dicts), CPU time; "
+        f"ratios to 'no hooks' within each of {MICRO_ROUNDS} processes"
+    )
+    ratios: dict[str, list[float]] = {v: [] for v in MICRO_VARIANTS}
+    ms: dict[str, list[float]] = {v: [] for v in MICRO_VARIANTS}
+    env = {**os.environ, "ASGI_PPROF_MEMORY_PROFILE_RATE": "0"}
+    for _ in range(MICRO_ROUNDS):
+        out = subprocess.run(
+            [sys.executable, __file__, "--micro"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env=env,
+            timeout=300,
+        )
+        r = json.loads(out.stdout)
+        for v in MICRO_VARIANTS:
+            ratios[v].append(r[v] / r["no hooks"])
+            ms[v].append(r[v] * 1e3)
+    for v in MICRO_VARIANTS:
+        pct = [100 * (x - 1) for x in ratios[v]]
+        print(f"  {v:15s} {med(ms[v]):30s} ms   slower by {med(pct)} %")
+
+
+# --- (3) the table's memory -------------------------------------------------------------------
+
+
+def table_child() -> None:
+    """Run in a child: bytes of table per live sample at rate 1, 100 k live objects."""
+    from asgi_pprof import _memsample, memprofile
+
+    memprofile.set_memory_profile_rate(1)
+    kept = [bytes(100) for _ in range(100_000)]
+    memprofile.set_memory_profile_rate(0)
+    st = memprofile.stats()
+    print(json.dumps({"live": st["live"], "table_bytes": st["table_bytes"], "n": len(kept)}))
+    del _memsample
+
+
+def table() -> None:
+    print("== the table's memory")
+    out = subprocess.run(
+        [sys.executable, __file__, "--table"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    r = json.loads(out.stdout)
+    print(
+        f"  100 k live sampled objects (rate 1, one stack): table {r['table_bytes'] / 1e6:.1f} MB, "
+        f"{r['table_bytes'] / r['live']:.0f} B per live sampled allocation"
+    )
+    # An hour of the reference app at 512 KiB has as many samples as a run sampled at
+    # 512 KiB * (run seconds / 3600) of the same traffic: sample densely for a short run.
+    seconds = 5.0 if QUICK else 10.0
+    dense = max(1, int(RATE * seconds / 3600))
+    with SampledRefServer({"ASGI_PPROF_MEMORY_PROFILE_RATE": str(dense)}) as srv:
+        r0 = load(srv.url + "/items?n=50", seconds)
+        text = httpx.get(srv.url + "/sampled/debug/pprof/allocs?debug=1", timeout=60).text
+    facts = dict(
+        line[2:].split(" = ", 1)
+        for line in text.splitlines()
+        if line.startswith("# ") and " = " in line
+    )
+    rps = r0["requests"] / r0["seconds"]
+    print(
+        f"  /items?n=50 for {seconds:.0f} s at rate {dense} B ({rps:.0f} "
+        f"rps there): as many samples as an hour at 512 KiB at that throughput: "
+        f"{facts.get('sampler.samples')} samples, {facts.get('sampler.buckets')} buckets, "
+        f"{facts.get('sampler.stacks')} stacks, {facts.get('sampler.live')} live, "
+        f"table {int(facts.get('sampler.table_bytes', '0')) / 1e6:.2f} MB"
+    )
+
+
+# --- (4) serving heap -------------------------------------------------------------------------
+
+
+def serve_child() -> None:
+    """Run in a child: serve heap (proto, text) with a small and a very large table."""
+    asyncio.run(_serve())
+
+
+def _make_stacks(n: int) -> list[Any]:
+    """Return ``n`` distinct functions (distinct stacks), each allocating 4 sizes."""
+    out = []
+    for i in range(n):
+        ns: dict[str, Any] = {}
+        exec(f"def alloc_{i}():\n    return [bytes(s) for s in (10, 100, 1000, 10000)]", ns)
+        out.append(ns[f"alloc_{i}"])
+    return out
+
+
+async def _serve() -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from asgi_pprof import create_app, memprofile
+    from asgi_pprof.sampled_heap import SampledAllocsProfile, SampledHeapProfile
+
+    app = Starlette(
+        routes=[
+            Mount(
+                "/debug/pprof",
+                app=create_app(profiles=[SampledHeapProfile(), SampledAllocsProfile()]),
+            )
+        ]
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://b", timeout=300) as c:
+        kept = []
+        for n_funcs in (100, 2_000, 25_000):
+            memprofile.set_memory_profile_rate(1)  # every allocation: buckets = stacks x sizes
+            for fn in _make_stacks(n_funcs):
+                kept.append(fn())
+            memprofile.set_memory_profile_rate(0)
+            buckets = memprofile.stats()["buckets"]
+            for path in ("heap", "heap?debug=1"):
+                runs = []
+                for _ in range(3):
+                    with LagMonitor() as lag:
+                        await asyncio.sleep(0.01)
+                        t0 = time.perf_counter()
+                        r = await c.get(f"/debug/pprof/{path}")
+                        took = time.perf_counter() - t0
+                        await asyncio.sleep(0.01)
+                    assert r.status_code == 200, r.text
+                    runs.append((took, lag.worst, len(r.content)))
+                took, worst, size = min(runs)
+                print(
+                    f"  {buckets:>7,} buckets {path:13s} served in {took * 1e3:7.1f} ms, worst "
+                    f"loop stall {worst * 1e3:5.1f} ms (best of 3), body {size / 1e6:5.2f} MB"
+                )
+
+
+def serve() -> None:
+    print("== serving the sampled heap (loop stall: a 1 ms timer's lateness on the loop)")
+    out = subprocess.run(
+        [sys.executable, __file__, "--serve"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    print(out.stdout, end="")
+
+
+def main() -> None:
+    if len(sys.argv) > 1:
+        mode = sys.argv[1]
+        if mode == "--micro":
+            micro_child()
+        elif mode == "--table":
+            table_child()
+        elif mode == "--serve":
+            serve_child()
+        return
+    from asgi_pprof import memprofile
+
+    if not memprofile.available():
+        print(f"native sampler unavailable ({memprofile.unavailable_reason()}): nothing to measure")
+        return
+    print("(the machine may be loaded: compare ratios within this run only)")
+    micro()
+    table()
+    serve()
+    throughput()
+
+
+if __name__ == "__main__":
+    main()
