@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import builder, cpu, limits, symbols
 from .concurrency import RequestWindow, run_in_thread
+from .exposure import Exposure, Refusal
 from .params import atoi, first, parse_float, parse_int10
 from .profiles import NamedProfile, ProfileError
 
@@ -69,13 +70,13 @@ DESCRIPTIONS = {
 """Index descriptions: Go's texts, except trace (our trace is JSON, not Go's format)."""
 
 
-def serve_error(status: int, text: str) -> Response:
+def serve_error(status: int, text: str, headers: dict[str, str] | None = None) -> Response:
     """Return Go's ``serveError`` response: plain text plus a newline, ``X-Go-Pprof: 1``."""
     return Response(
         text + "\n",
         status_code=status,
         media_type=_TEXT,
-        headers={**_NOSNIFF, "X-Go-Pprof": "1"},
+        headers={**_NOSNIFF, "X-Go-Pprof": "1", **(headers or {})},
     )
 
 
@@ -167,17 +168,26 @@ class _MethodGuard:
 
     A class, not a function, so Starlette's ``Route`` passes every method through to it.
     The handler's errors become responses here, never exceptions in the host app. The
-    handler runs in a cancel scope that a disconnect cancels (see :class:`Call`).
+    handler runs in a cancel scope that a disconnect cancels (see :class:`Call`). A client
+    the app's :class:`~asgi_pprof.exposure.Exposure` refuses gets 403 (or 401) first.
     """
 
-    def __init__(self, handler: Handler, methods: frozenset[str], body_limit: int) -> None:
+    def __init__(
+        self, handler: Handler, methods: frozenset[str], body_limit: int, exposure: Exposure
+    ) -> None:
         self.handler = handler
         self.methods = methods
         self.body_limit = body_limit
+        self.exposure = exposure
         self.allow = ", ".join(m for m in ("GET", "HEAD", "POST") if m in methods)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        try:
+            await self.exposure.check(request)
+        except Refusal as e:
+            await serve_error(e.status, e.text, e.headers)(scope, receive, send)
+            return
         if request.method not in self.methods:
             response: Response | None = Response(
                 "Method Not Allowed\n",
@@ -224,12 +234,13 @@ class Endpoints:
     def __init__(self, options: Options, profiles: Sequence[NamedProfile]) -> None:
         self.options = options
         self.profiles = {p.name: p for p in profiles}
+        self.exposure = Exposure(options)
 
     # --- dispatch ---------------------------------------------------------------------
 
     def route(self, handler: Handler, methods: frozenset[str]) -> ASGIApp:
         """Return an ASGI app that runs ``handler`` for ``methods`` and 405s the rest."""
-        return _MethodGuard(handler, methods, self.options.max_symbol_bytes)
+        return _MethodGuard(handler, methods, self.options.max_symbol_bytes, self.exposure)
 
     # --- handlers ---------------------------------------------------------------------
 
@@ -262,8 +273,14 @@ class Endpoints:
         return Response(page, media_type="text/html; charset=utf-8", headers=dict(_NOSNIFF))
 
     async def cmdline(self, request: Request, call: Call) -> Response:
-        """Return the command line, arguments separated by NUL bytes (Go's ``os.Args``)."""
-        return _text("\x00".join(_argv()))
+        """Return the command line, arguments separated by NUL bytes (Go's ``os.Args``).
+
+        With ``hide_cmdline_args`` only the program (the interpreter) is served.
+        """
+        argv = _argv()
+        if self.options.hide_cmdline_args:
+            argv = argv[:1]
+        return _text("\x00".join(argv))
 
     async def symbol(self, request: Request, call: Call) -> Response:
         """Return ``num_symbols: 1`` and ``<addr> <function>`` for each known address.

@@ -7,7 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .exposure import LOOPBACK, check_allow
+
 if TYPE_CHECKING:
+    from .exposure import AllowRule
     from .profiles import NamedProfile
 
 __all__ = ["Options"]
@@ -91,6 +94,17 @@ class Options:
     """Sample about one allocation per this many bytes for heap/allocs (Go's
     ``runtime.MemProfileRate``; 0 off, 1 every allocation); None leaves the process's rate."""
 
+    allow: Sequence[AllowRule] = LOOPBACK
+    """Who may read profiles: CIDR strings and/or callables of the request returning True.
+    Loopback only by default; the client address is ASGI's ``scope["client"]``."""
+
+    auth_token: str | None = None
+    """A token that lets any address in: ``Authorization: Bearer <token>``, or the password
+    of Basic auth (any user name: ``http://pprof:<token>@host/...`` for go tool pprof)."""
+
+    hide_cmdline_args: bool = False
+    """Serve only the program's name at ``/cmdline``, not its arguments."""
+
     profiles: Sequence[NamedProfile] = field(default_factory=tuple)
     """Extra named profiles served beside the built-in ones (Go's ``pprof.NewProfile``)."""
 
@@ -130,6 +144,13 @@ class Options:
             _int_in("memory_profile_rate", self.memory_profile_rate, 0, 1 << 62)
         if self.memory_profile_rate is not None:
             _int_in("memory_profile_rate", self.memory_profile_rate, 0, 1 << 62)
+        check_allow(self.allow)
+        if self.auth_token is not None and (
+            not isinstance(self.auth_token, str) or len(self.auth_token) < 8
+        ):
+            raise ValueError("auth_token must be a string of at least 8 characters, or None")
+        if not isinstance(self.hide_cmdline_args, bool):
+            raise ValueError("hide_cmdline_args must be True or False")
         from .profiles import NamedProfile  # runtime import: profiles imports nothing of ours here
 
         names: set[str] = set()
