@@ -226,7 +226,7 @@ class FgprofSampler:
                 state = "waiting"
             else:
                 state = "runnable" if got.wait.wait == "runnable" else "waiting"
-            own = labels.context_labels(_context_of(task))
+            own = labels.task_labels(task)
             key = (got.stack, _merge(own, ("kind", "task"), ("state", state), ("thread", info[2])))
             keys.append(key)
             if state != "running" and waiter is not None and _waiter_of(task) is waiter:
@@ -237,11 +237,6 @@ class FgprofSampler:
 
 def _waiter_of(task: Any) -> Any:
     return getattr(task, _FUT_WAITER, None)
-
-
-def _context_of(task: Any) -> Any:
-    get = getattr(task, "get_context", None)  # 3.12+
-    return get() if get is not None else getattr(task, "_context", None)
 
 
 def _merge(own: Labels, *ours: tuple[str, str]) -> Labels:

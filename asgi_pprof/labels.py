@@ -23,6 +23,7 @@ import asyncio
 import contextvars
 import functools
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "context_labels",
     "current_labels",
     "labels",
+    "task_labels",
     "thread_labels",
 ]
 
@@ -79,6 +81,28 @@ _current: contextvars.ContextVar[_LabelSet | None] = contextvars.ContextVar(
 _by_thread: dict[int, _LabelSet] = {}
 """Thread ident -> labels in effect there, for threads without a running event loop."""
 
+_TASK_CONTEXT = hasattr(asyncio.Task, "get_context")  # 3.12+
+_by_task: weakref.WeakKeyDictionary[Any, _LabelSet] = weakref.WeakKeyDictionary()
+"""3.11 only, where a task's context cannot be read: task -> labels set in it."""
+
+
+def _enter_task(level: _LabelSet) -> tuple[Any, _LabelSet | None]:
+    task = asyncio.current_task()
+    if task is None:
+        return None, None
+    before = _by_task.get(task)
+    _by_task[task] = level
+    return task, before
+
+
+def _leave_task(task: Any, before: _LabelSet | None) -> None:
+    if task is None:
+        return
+    if before is None:
+        _by_task.pop(task, None)
+    else:
+        _by_task[task] = before
+
 
 @contextmanager
 def labels(**kv: str) -> Iterator[None]:
@@ -100,10 +124,12 @@ def labels(**kv: str) -> Iterator[None]:
     before = _by_thread.get(ident) if per_thread else None
     if per_thread:
         _by_thread[ident] = level
+    task, task_before = (None, None) if per_thread or _TASK_CONTEXT else _enter_task(level)
     try:
         yield
     finally:
         _current.reset(token)
+        _leave_task(task, task_before)
         if per_thread:
             if before is None:
                 _by_thread.pop(ident, None)
@@ -123,6 +149,26 @@ def context_labels(ctx: contextvars.Context | None) -> Labels:
         return ()
     level = ctx.get(_current)
     return () if level is None else level.resolve()
+
+
+def task_labels(task: Any) -> Labels:
+    """Return the labels of an asyncio task, running or suspended, from any thread.
+
+    3.12+: read from the task's context (every task, inherited labels too). 3.11, whose
+    tasks do not show their context: the labels set in the task itself (:func:`labels`,
+    :class:`LabelMiddleware`), else, for a suspended task, the context its wake-up
+    callback will run in; a running task that only inherited its labels shows none.
+    """
+    if _TASK_CONTEXT:
+        return context_labels(task.get_context())
+    level = _by_task.get(task)
+    if level is not None:
+        return level.resolve()
+    waiter = getattr(task, "_fut_waiter", None)
+    for callback, ctx in getattr(waiter, "_callbacks", None) or ():
+        if getattr(callback, "__self__", None) is task:
+            return context_labels(ctx)
+    return ()
 
 
 def thread_labels(ident: int) -> Labels:
@@ -191,10 +237,12 @@ class LabelMiddleware:
             return
         level = _LabelSet(_current.get(), (), _Request(scope))
         token = _current.set(level)
+        task, before = (None, None) if _TASK_CONTEXT else _enter_task(level)
         try:
             await self.app(scope, receive, send)
         finally:
             _current.reset(token)
+            _leave_task(task, before)
 
 
 # --- the threadpool hop ----------------------------------------------------------------
