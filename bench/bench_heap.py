@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from asgi_pprof import create_app, heap
+from asgi_pprof import create_app, gcsampler, heap
 from bench.common import LagMonitor, RefServer, ab_rounds, measure, med, report
 
 ROUND_S = 2.0
@@ -135,7 +135,7 @@ async def big_heaps() -> None:
                     runs = []
                     for _ in range(2):
                         took, lag, size = await _serve_with_lag(c, f"/debug/pprof/{path}")
-                        runs.append((took, lag, heap.last_snapshot.snapshot_seconds, size))
+                        runs.append((took, lag, heap.last_snapshot.copy_seconds, size))
                     took, lag, snap, size = min(runs)
                     print(
                         f"  {n:>9,} blocks ({heap.last_snapshot.blocks:>9,} traced, "
@@ -173,8 +173,8 @@ def _time(fn: Callable[[], object]) -> float:
 
 
 def allocs_cost() -> None:
-    print("== allocs: the GC-trigger sampler (on gc.callbacks, installed by create_app)")
-    sampler = heap._gc_sampler
+    print("== allocs: the GC-trigger sampler (on gc.callbacks, installed on first allocs use)")
+    sampler = gcsampler.sampler
     for name, work in (
         ("pile_up 200k lists (a collection every threshold0 containers)", lambda: pile_up(200_000)),
         ("json_like 2k requests (temporaries only: few collections)", lambda: json_like(2_000)),
@@ -204,7 +204,7 @@ def _at_depth(depth: int, fn: Callable[[], float]) -> float:
 
 def callback_cost() -> None:
     """Print the sampler's own cost per collection: its two callbacks at a 40-frame stack."""
-    sampler = heap._gc_sampler
+    sampler = gcsampler.sampler
     info = {"generation": 0, "collected": 0, "uncollectable": 0}
     n = 20_000
 
@@ -224,7 +224,7 @@ async def allocs_serve() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://b", timeout=300) as c:
         kept = [pile_up(20_000) for _ in range(5)]
         took, lag, size = await _serve_with_lag(c, "/debug/pprof/allocs")
-        stacks = len(heap._gc_sampler.data)
+        stacks = len(gcsampler.sampler.data)
         print(
             f"  serving allocs with tracing off ({stacks} GC-trigger stacks): {took * 1e3:.0f} ms, "
             f"largest loop lag {lag * 1e3:.1f} ms, body {size / 1e3:.0f} kB"
