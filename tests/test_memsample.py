@@ -493,3 +493,33 @@ def test_go_tool_pprof_reads_heap_and_allocs_proto_and_text_every_sample_index(
                     # 16 x 1 MiB, unsampled by pprof (text) or by us (proto) alike.
                     assert re.search(r"16(\.0\d)?MB.*hold_big_blocks", top), top
     del big
+
+
+@pytest.mark.slow
+def test_install_without_a_compiler_warns_and_builds_without_the_extension(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    archive = subprocess.run(
+        ["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True, timeout=60
+    )
+    src.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=60)
+    cmd = [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-v"]
+    r = subprocess.run(
+        [*cmd, "-w", str(tmp_path / "wheels")],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CC": str(tmp_path / "no-such-compiler")},
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "building the native memory sampler failed" in r.stdout + r.stderr
+    (wheel,) = (tmp_path / "wheels").glob("asgi_pprof-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "asgi_pprof/memprofile.py" in names
+    assert not [n for n in names if n.endswith(".so")], names
