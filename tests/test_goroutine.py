@@ -579,3 +579,29 @@ async def test_reading_10000_tasks_lets_the_loop_in_without_waiting_out_the_swit
             await tick
     assert len(delays) > 20, "the dump was too short to measure"
     assert statistics.median(delays) < sys.getswitchinterval() / 2, statistics.median(delays)
+
+
+async def test_task_loops_finds_a_loop_nobody_told_us_of() -> None:
+    from asgi_pprof import tasks
+
+    other = asyncio.new_event_loop()
+    ready, stop = threading.Event(), threading.Event()
+
+    async def app_main() -> None:  # never serves a pprof request
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+
+    th = threading.Thread(target=other.run_until_complete, args=(app_main(),))
+    th.start()
+    try:
+        assert ready.wait(10)
+        assert other not in tasks.known_loops()
+        found = await asyncio.to_thread(tasks.task_loops)
+        assert found.count(other) == 1
+        assert found.count(asyncio.get_running_loop()) == 1
+    finally:
+        stop.set()
+        th.join(10)
+        other.close()
+    assert other not in tasks.task_loops()
