@@ -20,7 +20,7 @@ are kept, then they share one label; the total is bounded by ``MAX_LABELS``.
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["MAX_LABELS", "MAX_UNROUTED", "Requests", "find_scope", "template"]
 
@@ -30,9 +30,10 @@ MAX_UNROUTED = 50
 """Most distinct labels of requests no route matched (their label is their path)."""
 
 _KINDS = frozenset({"http", "websocket"})
+_UNKNOWN: Any = ("", False)  # a coroutine code not seen yet (compared by identity)
 
 
-def _is_scope(value: object) -> bool:
+def _is_scope(value: object) -> TypeGuard[dict[str, Any]]:
     return type(value) is dict and value.get("type") in _KINDS and "path" in value
 
 
@@ -45,24 +46,41 @@ def _instance_dict(value: object) -> dict[str, Any] | None:
     return d if type(d) is dict else None
 
 
-def find_scope(coro: object) -> dict[str, Any] | None:
-    """Return the ASGI http/websocket scope a not yet started coroutine was called with.
+Where = tuple[str, bool]
+"""Where a coroutine's scope was found: (argument name, whether it is that argument's ``scope``)."""
+
+
+def find_scope(coro: object) -> tuple[dict[str, Any], Where] | None:
+    """Return the ASGI http/websocket scope a not yet started coroutine was called with,
+    and where it was, or None when there is none.
 
     Looks at the coroutine's arguments and at the plain attributes (``scope``) of its
-    arguments; None when there is none.
+    arguments.
     """
     frame = getattr(coro, "cr_frame", None)
     if not isinstance(frame, types.FrameType):
         return None
-    for value in frame.f_locals.values():
+    for name, value in frame.f_locals.items():
         if _is_scope(value):
-            return value  # type: ignore[no-any-return]
+            return value, (name, False)
         attrs = _instance_dict(value)
         if attrs is not None:
             scope = attrs.get("scope")
             if _is_scope(scope):
-                return scope
+                return scope, (name, True)
     return None
+
+
+def _scope_at(coro: object, where: Where) -> dict[str, Any] | None:
+    """Return the scope where the same coroutine code had it last time, or None."""
+    frame = getattr(coro, "cr_frame", None)
+    if not isinstance(frame, types.FrameType):
+        return None
+    value = frame.f_locals.get(where[0])
+    if where[1]:
+        attrs = _instance_dict(value)
+        value = attrs.get("scope") if attrs is not None else None
+    return value if _is_scope(value) else None
 
 
 def template(path: str, params: object) -> str:
@@ -127,25 +145,30 @@ class Requests:
         self.labels: dict[int, str] = {}
         """``request number -> label``, once the request finished or the capture ended."""
         self._scopes: dict[int, dict[str, Any]] = {}
-        self._codes: dict[types.CodeType, bool] = {}
+        self._codes: dict[types.CodeType, Where | None] = {}
+        """Per coroutine code: where its scope is, or None when it has none."""
         self._distinct: set[str] = set()
         self._by_path: dict[tuple[str, str], str] = {}
         self._unrouted = 0
         self._next = 1
 
-    def task_created(self, task: object, coro: object, code: types.CodeType | None) -> int | None:
-        """Return the request number of a new task, None when it serves no request."""
-        key = id(task)
-        if code is None or self._codes.get(code) is False:
+    def task_created(self, key: int, coro: object, code: types.CodeType | None) -> int | None:
+        """Return the request number of a new task (``key``: its id), None if it serves none."""
+        where = self._codes.get(code, _UNKNOWN) if code is not None else None
+        if where is None:
             self.of_task.pop(key, None)  # an id of a task gone before it finished
             return None
-        scope = find_scope(coro)
+        scope = _scope_at(coro, where) if where is not _UNKNOWN else None
         if scope is None:
-            if code not in self._codes:
-                self._codes[code] = False  # this coroutine is not a server's request
-            self.of_task.pop(key, None)
-            return None
-        self._codes[code] = True
+            found = find_scope(coro)
+            if found is None:
+                if where is _UNKNOWN and code is not None:
+                    self._codes[code] = None  # this coroutine is not a server's request
+                self.of_task.pop(key, None)
+                return None
+            scope, new_where = found
+            if code is not None:
+                self._codes[code] = new_where
         n = self._next
         self._next += 1
         self.of_task[key] = n

@@ -5,15 +5,26 @@ and returns Chrome Trace Event Format JSON (written by ``trace_events``). Hooked
 only while a capture runs:
 
 * ``asyncio.Handle._run`` (class attribute): every callback or task step an asyncio
-  event loop of this process runs, timed with ``perf_counter_ns``. One extra Python
-  call per step. uvloop runs its own (Cython) handles: its steps are not seen.
+  event loop of this process runs, timed with ``perf_counter_ns``: one flat Python
+  function per step. A task's first step in the capture also records it as created
+  and finds the HTTP request it serves (``trace_routes``), before the step runs. uvloop
+  runs its own (Cython) handles: its steps are not seen.
+* on uvloop only, the task factory of the loop the request runs on (asyncio loops need
+  none: the step hook sees their tasks): when tasks are created and finish.
 * ``gc.callbacks``: every collection, its generation, duration and what it collected.
-* the task factory of the loop the request runs on: when tasks are created.
-* a sampler thread (``asgi_pprof-trace``) reading ``sys._current_frames()`` at
-  ``trace_sample_hz`` (wall clock): the stacks that make the flame chart.
+* the CPU profiler's sampler (``sampler.get_sampler``, shared with ``/profile``),
+  subscribed with a timeline: one stack per tick of every thread's CPU clock, read by
+  the main thread itself in its ``SIGPROF`` handler (no GIL bias): the CPU tracks.
+* a wall-clock sampler thread (``asgi_pprof-trace``) reading every thread's stack in
+  one C call (``frames.current_stacks``): at ``trace_sample_hz`` while a loop step runs
+  long (where the loop was stuck, blocking calls included), at 25 Hz otherwise (what
+  threads wait on). Each wake-up takes the GIL from the running threads, which costs
+  more than the sample itself: it wakes once per sample, no more.
 
-Everything is put back as it was when the window ends, the client disconnects or
-the request is cancelled. One capture at a time: a second request gets Go's 500.
+Everything is put back the moment the window ends, however it ends (the client
+disconnects, the server shuts down, the request is cancelled); the JSON is written in a
+worker thread, and only for a client still there. One capture at a time: a second
+request gets Go's 500.
 """
 
 from __future__ import annotations
@@ -61,7 +72,6 @@ _original_run: Callable[[asyncio.Handle], None] = asyncio.Handle.__dict__["_run"
 _TASK_TYPES: tuple[type, ...] = tuple(
     t for t in (asyncio.Task, getattr(asyncio.tasks, "_PyTask", None)) if isinstance(t, type)
 )
-_TASK_TYPE_SET = frozenset(_TASK_TYPES)
 _CODE = operator.itemgetter(0)  # a raw frame's code object
 _FunctionType = types.FunctionType
 _MethodType = types.MethodType
@@ -71,8 +81,16 @@ _IDLE_HZ = 25
 
 
 _UVLOOP_NOTE = (
-    "loop {type} does not run asyncio.Handle callbacks (uvloop runs its own): its steps "
-    "are not shown; its thread's stack samples, task creation and completion, and GC are."
+    "loop {type} does not run asyncio.Handle callbacks (uvloop runs its own, in C): its "
+    "steps are not shown, so neither are its callbacks, slow steps, nor which request a "
+    "stretch of the loop's time served. Shown: task creation and completion (named after "
+    "the request a task serves), the thread's CPU track (time in uvloop's C code, its "
+    "polling included, is the [uvloop] frame) and wall-clock samples, and GC."
+)
+_ASYNCIO_NOTE = (
+    "On asyncio loops a task is recorded as created at its first step in the capture (at "
+    "most one loop iteration after asyncio created it); tasks started eagerly "
+    "(eager_task_factory) show from their second step on."
 )
 
 
@@ -94,13 +112,14 @@ def _run_step(self: asyncio.Handle) -> None:
     cb = self._callback  # type: ignore[attr-defined]
     tp = type(cb)
     owner = None if tp is _FunctionType else getattr(cb, "__self__", None)
-    task = None
-    if owner is not None and (type(owner) in _TASK_TYPE_SET or isinstance(owner, _TASK_TYPES)):
-        task = owner  # a task's step (its __step or __wakeup)
-        if id(task) not in rec.seen:
-            # Its first step in this capture, before it runs: a new task's coroutine has
-            # not started, so its arguments tell which request it serves.
-            rec.first_step(task)
+    is_task = _task_types.get(type(owner))
+    if is_task is None:
+        is_task = _learn_type(type(owner))
+    task = owner if is_task else None  # a task's step (its __step or __wakeup)
+    if task is not None and id(task) not in rec.seen:
+        # Its first step in this capture, before it runs: a new task's coroutine has not
+        # started, so its arguments tell which request it serves.
+        rec.first_step(task)
     t0 = rec.step_start = _now()
     try:
         _original_run(self)
@@ -120,7 +139,14 @@ def _run_step(self: asyncio.Handle) -> None:
                 req = rec.request_of.get(key)
                 records.append((STEP, id(loop), t0, t1, code, name, req))
                 if task.done():  # the step that finished it (one record past the limit at most)
-                    state = _task_state(task)
+                    state = (
+                        "cancelled"
+                        if task.cancelled()
+                        # not task.exception(): that would mark it retrieved (_task_state)
+                        else (
+                            "result" if getattr(task, "_exception", None) is None else "exception"
+                        )
+                    )
                     ident = _get_ident()
                     records.append((DONE, ident, t1, id(loop), name, code, key, req, state))
                     rec.seen.discard(key)  # the id may be reused by a new task
@@ -145,6 +171,15 @@ def _run_step(self: asyncio.Handle) -> None:
 
 
 _builtin_names: dict[tuple[type, str], str] = {}
+_task_types: dict[type, bool] = {type(None): False}
+"""Whether a callback's owner type is a task type (asyncio's, or a subclass): learnt once."""
+
+
+def _learn_type(tp: type) -> bool:
+    is_task = issubclass(tp, _TASK_TYPES)
+    if len(_task_types) < 10_000:
+        _task_types[tp] = is_task
+    return is_task
 
 
 def _callback_name(cb: object) -> types.CodeType | str:
@@ -289,7 +324,7 @@ class _Recorder:
         t = _now()
         if not self.full(t):
             code = _code_of(coro)
-            req = self.requests.task_created(task, coro, code)
+            req = self.requests.task_created(id(task), coro, code)
             # The name may still change (3.11/3.12 set it after the factory returns): the
             # task's completion, or the end of the capture (see read_names), tells.
             self.records.append(
@@ -312,17 +347,19 @@ class _Recorder:
         key = id(task)
         self.seen.add(key)
         coro = task.get_coro()
-        code = _code_of(coro)
-        req = self.requests.task_created(task, coro, code)
+        code = getattr(coro, "cr_code", None) or _code_of(coro)
+        req = self.requests.task_created(key, coro, code)
         if key in self.existing:
             self.existing.discard(key)  # a later task with this id is a new one
             return
         if task.get_loop() is not self.loop:
             return  # creation is tracked on the loop that serves the trace request
         t = _now()
-        if not self.full(t):
+        if len(self.records) < self.limit:
             name = task.get_name()
             self.records.append((NEW, _get_ident(), t, id(self.loop), name, code, key, req))
+        else:
+            self.full(t)
 
     def _on_done(self, task: asyncio.Future[Any]) -> None:
         if _active is not self:
@@ -524,6 +561,8 @@ class _Recorder:
             )
             if not visible:
                 notes.append(_UVLOOP_NOTE.format(type=loops[-1].type_name))
+            elif loop is self.loop:
+                notes.append(_ASYNCIO_NOTE)
         if len(loops) > 1:
             notes.append(
                 "Task creation is tracked on the loop that served the trace request only; "

@@ -599,7 +599,7 @@ async def test_disconnect_ends_capture_and_cleans_up(monkeypatch: pytest.MonkeyP
         "http_version": "1.1",
         "scheme": "http",
         "server": ("test", 80),
-        "client": ("test", 1),
+        "client": ("127.0.0.1", 1),
         "app": app,
     }
     await app(scope, receive, send)
