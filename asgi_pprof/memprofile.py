@@ -117,6 +117,15 @@ def _load() -> tuple[types.ModuleType | None, str]:
 
 _native, _reason = _load()
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held the lock at fork(); it does not exist here.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 _warned = False
 _requested = 0
 _started_ns = 0
