@@ -20,10 +20,12 @@ same future (it cannot move without being woken), so a tick costs little per idl
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 from . import chains, frames, labels, tasks, waits
@@ -52,7 +54,9 @@ class Capture:
     start_mono: float = field(default_factory=time.monotonic)
     end_mono: float | None = None
     last_ns: int = field(default_factory=time.perf_counter_ns)
-    counts: dict[Key, list[int]] = field(default_factory=dict)
+    counts: dict[int, list[int]] = field(default_factory=dict)
+    """Key id -> [samples, time/nanoseconds]; ids index ``keys``."""
+    keys: list[Key] = field(default_factory=list)
     ticks: int = 0
 
 
@@ -68,7 +72,7 @@ class _Threads(chains.ThreadStacks):
         self.stacks = {i: frames.resolve(r) for i, r in frames.current_stacks().items() if i != me}
 
 
-_FUT_WAITER = "_fut_waiter"
+_FUT_WAITER = operator.attrgetter("_fut_waiter")
 
 
 class FgprofSampler:
@@ -80,14 +84,17 @@ class FgprofSampler:
         self._subs: list[Capture] = []
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        # task -> (its waiter, its key): a suspended task's reading, kept while it waits
-        # on the same future. Holds the task and waiter, so neither id is reused.
-        self._cache: dict[Any, tuple[Any, Key]] = {}
+        # (task, its waiter) -> key id: a suspended task's reading, kept while it waits
+        # on the same future. Holds the task and waiter, so neither id is reused. Key ids
+        # start at 1 (0 would read as a miss); every capture shares the key table.
+        self._cache: dict[tuple[Any, Any], int] = {}
+        self._keys: list[Key] = [((), ())]
+        self._ids: dict[Key, int] = {}
         self.errors = 0
 
     def subscribe(self) -> Capture:
         """Return a new capture that starts now; starts the thread if none runs."""
-        cap = Capture()
+        cap = Capture(keys=self._keys)
         with self._lock:
             self._subs.append(cap)
             if self._thread is None:
@@ -133,8 +140,7 @@ class FgprofSampler:
                 continue
 
     def _tick(self) -> None:
-        keys = self._sample()
-        counted = Counter(keys)
+        counted = Counter(self._sample())  # of small ints: no stack is hashed here
         now = time.perf_counter_ns()
         with self._lock:
             subs = list(self._subs)
@@ -153,8 +159,15 @@ class FgprofSampler:
                     got[0] += n
                     got[1] += n * elapsed
 
-    def _sample(self) -> list[Key]:
-        """Return one key per live thread and task, read now."""
+    def _intern(self, key: Key) -> int:
+        i = self._ids.get(key)
+        if i is None:
+            i = self._ids[key] = len(self._keys)
+            self._keys.append(key)
+        return i
+
+    def _sample(self) -> list[int]:
+        """Return one key id per live thread and task, read now."""
         me = threading.get_ident()
         names = {t.ident: t.name for t in threading.enumerate()}
         stacks = {
@@ -162,38 +175,42 @@ class FgprofSampler:
             for ident, raw in frames.current_stacks().items()
             if ident != me and not is_own_thread(names.get(ident, ""))
         }
-        keys: list[Key] = []
-        busy = self._sample_tasks(stacks, names, keys)
+        ids: list[int] = []
+        busy = self._sample_tasks(stacks, ids)
         for ident, stack in stacks.items():
             if ident in busy:
                 continue  # its running task was sampled as the task
             name = names.get(ident, f"thread {ident}")
             state = "waiting" if waits.thread_wait(stack) else "running"
             own = labels.thread_labels(ident)
-            keys.append(
-                (stack, _merge(own, ("kind", "thread"), ("state", state), ("thread", name)))
+            ids.append(
+                self._intern(
+                    (stack, _merge(own, ("kind", "thread"), ("state", state), ("thread", name)))
+                )
             )
-        return keys
+        return ids
 
-    def _sample_tasks(
-        self, stacks: dict[int, Stack], names: dict[Any, str], keys: list[Key]
-    ) -> set[int]:
+    def _sample_tasks(self, stacks: dict[int, Stack], ids: list[int]) -> set[int]:
         loops = {id(lp): lp for lp in tasks.known_loops()}
         if not loops:
             self._cache.clear()
             return set()
+        # The goroutine profile's finder of every task (C copies of asyncio's sets).
         all_tasks = tasks._all_tasks()
+        # Every task's waiter, looked up in the cache in C: an idle task costs a few
+        # C steps per tick, no bytecode, no stack hashed.
+        try:
+            pairs = list(zip(all_tasks, map(_FUT_WAITER, all_tasks), strict=True))
+        except AttributeError:  # a task class of its own: the slow way
+            pairs = [(t, getattr(t, "_fut_waiter", None)) for t in all_tasks]
         old = self._cache
-        cache: dict[Any, tuple[Any, Key]] = {}
+        hits = list(map(old.get, pairs))
+        cache: dict[tuple[Any, Any], int] = dict(compress(zip(pairs, hits, strict=True), hits))  # type: ignore[arg-type]
+        ids.extend(filter(None, hits))
         threads: _Threads | None = None
         loop_info: dict[int, tuple[float | None, int | None, str]] = {}
         busy: set[int] = set()
-        for task, waiter in zip(all_tasks, map(_waiter_of, all_tasks), strict=True):
-            hit = old.get(task)
-            if hit is not None and waiter is not None and hit[0] is waiter:
-                cache[task] = hit
-                keys.append(hit[1])
-                continue
+        for task, waiter in compress(pairs, map(operator.not_, hits)):
             try:
                 if task.done():
                     continue
@@ -228,15 +245,18 @@ class FgprofSampler:
                 state = "runnable" if got.wait.wait == "runnable" else "waiting"
             own = labels.task_labels(task)
             key = (got.stack, _merge(own, ("kind", "task"), ("state", state), ("thread", info[2])))
-            keys.append(key)
+            i = self._intern(key)
+            ids.append(i)
             if state != "running" and waiter is not None and _waiter_of(task) is waiter:
-                cache[task] = (waiter, key)
+                # Suspended on this future: it cannot move until woken, and a woken task
+                # drops the future (asyncio clears _fut_waiter at the step's start).
+                cache[(task, waiter)] = i
         self._cache = cache
         return busy
 
 
 def _waiter_of(task: Any) -> Any:
-    return getattr(task, _FUT_WAITER, None)
+    return getattr(task, "_fut_waiter", None)
 
 
 def _merge(own: Labels, *ours: tuple[str, str]) -> Labels:
@@ -267,7 +287,10 @@ def to_profile(cap: Capture, hz: int = HZ) -> ProfileData:
         sample_types=[ValueType("samples", "count"), ValueType("time", "nanoseconds")],
         period_type=ValueType("wallclock", "nanoseconds"),
         period=1_000_000_000 // hz,
-        samples=[Sample(stack=k[0], values=list(v), labels=k[1]) for k, v in cap.counts.items()],
+        samples=[
+            Sample(stack=cap.keys[i][0], values=list(v), labels=cap.keys[i][1])
+            for i, v in cap.counts.items()
+        ],
         time_nanos=cap.start_ns,
         duration_nanos=int((end - cap.start_mono) * 1e9),
     )
