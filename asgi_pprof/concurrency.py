@@ -21,7 +21,12 @@ from types import FrameType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import anyio
+import anyio._backends._asyncio  # see below
 import anyio.to_thread
+
+# anyio loads its asyncio backend at the first ``to_thread.run_sync``, on the event loop:
+# a 40-60 ms stall at the first request that runs work off the loop (issue 8, item 11).
+# Loaded here instead, when an app is made, at the host's start-up.
 
 __all__ = [
     "THREAD_PREFIX",

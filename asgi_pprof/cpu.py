@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -73,22 +70,6 @@ def to_profile(cap: Capture) -> ProfileData:
     )
 
 
-_BACKEND = "anyio._backends._asyncio"
-
-
-def _warm_thread_backend() -> None:
-    """Import anyio's asyncio backend in a thread of its own while the window runs.
-
-    ``run_in_thread`` loads it on first use, and that import (~50 ms) would run on the
-    event loop when the first capture ends (issue 8, item 11: the first capture stalled
-    the loop 43-62 ms). The window is long enough for the import to finish elsewhere.
-    """
-    if _BACKEND not in sys.modules:
-        threading.Thread(
-            target=importlib.import_module, args=(_BACKEND,), name="asgi_pprof-warmup", daemon=True
-        ).start()
-
-
 def _labels(thread: str) -> tuple[tuple[str, str], ...]:
     if is_own_thread(thread):
         return (OWN_LABEL, ("thread", thread))
@@ -102,7 +83,6 @@ async def profile(seconds: float, window: Window, options: Options) -> ProfileDa
     cheap, so the window ends on time however busy the worker threads are; building the
     profile happens in a worker thread, and not at all for a client that left.
     """
-    _warm_thread_backend()
     sampler = get_sampler(options.sample_hz, options.switch_interval)
     cap = sampler.subscribe()
     try:
