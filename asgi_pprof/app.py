@@ -13,7 +13,7 @@ from .endpoints import Endpoints
 from .options import Options
 from .registry import builtin_profiles
 
-__all__ = ["PprofMount", "create_app"]
+__all__ = ["PprofMount", "create_app", "make_endpoints"]
 
 _READ = frozenset({"GET", "HEAD"})
 _SYMBOL = frozenset({"GET", "HEAD", "POST"})
@@ -51,8 +51,8 @@ class PprofMount(Mount):
         self.path_regex = re.compile(pattern, re.DOTALL)
 
 
-def create_app(**options: Any) -> Starlette:
-    """Return a Starlette app serving Go's ``/debug/pprof/`` tree, ready to mount.
+def make_endpoints(options: dict[str, Any]) -> Endpoints:
+    """Return the endpoints of one pprof app made with ``options`` (checked here).
 
     Raises ``ValueError`` with a sentence for an unknown or invalid option.
     """
@@ -61,8 +61,15 @@ def create_app(**options: Any) -> Starlette:
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r}; the options are: {', '.join(known)}")
     opts = Options(**options)
-    profiles = [*builtin_profiles(opts), *opts.profiles]
-    ep = Endpoints(opts, profiles)
+    return Endpoints(opts, [*builtin_profiles(opts), *opts.profiles])
+
+
+def create_app(**options: Any) -> Starlette:
+    """Return a Starlette app serving Go's ``/debug/pprof/`` tree, ready to mount.
+
+    Raises ``ValueError`` with a sentence for an unknown or invalid option.
+    """
+    ep = make_endpoints(options)
     routes = [
         _GoRoute("/", ep.route(ep.index, _READ)),
         _GoRoute("/cmdline", ep.route(ep.cmdline, _READ)),
@@ -73,6 +80,6 @@ def create_app(**options: Any) -> Starlette:
         _GoRoute("/{name:path}", ep.route(ep.named, _READ)),
     ]
     app = Starlette(routes=routes)
-    app.state.pprof_options = opts
-    app.state.pprof_profiles = profiles
+    app.state.pprof_options = ep.options
+    app.state.pprof_profiles = list(ep.profiles.values())
     return app

@@ -7,15 +7,19 @@ web service or not, gets a pprof endpoint on 127.0.0.1:6060 in one line.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import RedirectResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from .app import PprofMount, create_app
 from .concurrency import THREAD_PREFIX, end_windows
@@ -24,17 +28,21 @@ __all__ = ["PprofServer", "half_close_protocol", "make_root_app", "start_server"
 
 MOUNT = "/debug/pprof"
 
+log = logging.getLogger("asgi_pprof")
+_warned: set[tuple[str, int]] = set()
 
-def make_root_app(app: Starlette | None = None) -> Starlette:
-    """Return an app serving ``app`` (or a default pprof app) at ``/debug/pprof``.
+
+def make_root_app(app: ASGIApp | None = None, mount: str = MOUNT) -> Starlette:
+    """Return an app serving ``app`` (or a default pprof app) at ``mount`` (``/debug/pprof``).
 
     ``/`` redirects to the index, so a browser pointed at host:port finds it.
     """
+    mount = "/" + mount.strip("/")
 
     async def root(request: Any) -> RedirectResponse:
-        return RedirectResponse(MOUNT + "/")
+        return RedirectResponse(mount + "/")
 
-    return Starlette(routes=[Route("/", root), PprofMount(MOUNT, app=app or create_app())])
+    return Starlette(routes=[Route("/", root), PprofMount(mount, app=app or create_app())])
 
 
 def half_close_protocol() -> type[asyncio.Protocol]:
@@ -75,20 +83,39 @@ class _Server(uvicorn.Server):
 
 
 class PprofServer:
-    """A running background pprof server; :meth:`stop` shuts it down and joins its thread."""
+    """A running background pprof server; :meth:`stop` shuts it down and joins its thread.
 
-    def __init__(self, server: uvicorn.Server, thread: threading.Thread) -> None:
+    A handle made when the port was taken (``if_port_taken="warn"``) serves nothing:
+    ``running`` is False and ``stop()`` does nothing.
+    """
+
+    def __init__(
+        self,
+        server: uvicorn.Server | None,
+        thread: threading.Thread | None,
+        *,
+        host: str = "",
+        port: int = 0,
+        mount: str = MOUNT,
+    ) -> None:
         self._server = server
         self._thread = thread
+        self._host = host
+        self._port = port
+        self._mount = mount
 
     @property
     def host(self) -> str:
-        """Return the address the server listens on."""
+        """Return the address the server listens on (or was asked to)."""
+        if self._server is None:
+            return self._host
         return str(self._server.config.host)
 
     @property
     def port(self) -> int:
         """Return the port the server listens on (the real one when asked for port 0)."""
+        if self._server is None:
+            return self._port
         servers = getattr(self._server, "servers", None) or []
         for srv in servers:
             for sock in srv.sockets:
@@ -97,19 +124,22 @@ class PprofServer:
 
     @property
     def url(self) -> str:
-        """Return the base URL of the pprof index, e.g. ``http://127.0.0.1:6060/debug/pprof/``."""
-        return f"http://{self.host}:{self.port}{MOUNT}/"
+        """Return the base URL of the pprof index, e.g. ``http://127.0.0.1:6060/debug/pprof/``
+        (the server's root with ``mount=None``)."""
+        return f"http://{self.host}:{self.port}{self._mount}/"
 
     @property
     def running(self) -> bool:
         """Return True while the server thread is alive."""
-        return self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving and wait (up to ``timeout`` s) for the server thread to end.
 
         Open capture windows end at once: their clients get what was captured so far.
         """
+        if self._server is None or self._thread is None:
+            return
         loop = getattr(self._server, "loop", None)
         if loop is not None:
             end_windows(loop)
@@ -123,20 +153,69 @@ class PprofServer:
         self.stop()
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """Return a listening socket on ``host``:``port``; ``OSError`` when it cannot be bound."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(address)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
 def start_server(
     host: str = "127.0.0.1",
     port: int = 6060,
     *,
-    app: Starlette | None = None,
+    app: ASGIApp | None = None,
+    mount: str | None = MOUNT,
+    if_port_taken: Literal["warn", "raise"] = "warn",
     log_level: str = "warning",
     **options: Any,
 ) -> PprofServer:
     """Serve pprof with uvicorn in a daemon thread of this process and return its handle.
 
-    ``options`` go to :func:`create_app` (ignored when ``app`` is given). Binds 127.0.0.1
-    unless told otherwise. Raises ``OSError`` when the port cannot be bound.
+    ``options`` go to :func:`create_app` (ignored when ``app`` is given). ``app`` is served
+    at ``mount`` (``/debug/pprof``, ``/`` redirecting to it); ``mount=None`` serves ``app``
+    (or a pprof app) at the root as it is (e.g. your own routes of
+    :func:`~asgi_pprof.handler`). Binds 127.0.0.1 unless told otherwise.
+
+    When the port is already taken (another worker of a multi-process server got it first,
+    or another program) the default ``if_port_taken="warn"`` logs one warning and returns a
+    handle that serves nothing (``running`` is False), as Go's
+    ``go log.Println(http.ListenAndServe(...))``: the program goes on. ``"raise"`` raises
+    ``OSError`` instead. Other bind errors always raise ``OSError``.
     """
-    root = make_root_app(app or create_app(**options))
+    if if_port_taken not in ("warn", "raise"):
+        raise ValueError(f"if_port_taken must be 'warn' or 'raise', not {if_port_taken!r}")
+    if mount is None or mount.strip("/") == "":
+        mount = ""
+        root: ASGIApp = app or create_app(**options)
+    else:
+        mount = "/" + mount.strip("/")
+        root = make_root_app(app or create_app(**options), mount)
+    try:
+        sock = _bind(host, port)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE and if_port_taken == "warn":
+            if (host, port) not in _warned:
+                _warned.add((host, port))
+                log.warning(
+                    "asgi_pprof: %s:%d is taken (another worker of this server, or another "
+                    "program): this process (pid %d) serves no pprof endpoint",
+                    host,
+                    port,
+                    os.getpid(),
+                )
+            return PprofServer(None, None, host=host, port=port, mount=mount)
+        raise OSError(e.errno, f"asgi_pprof: could not serve on {host}:{port}: {e!r}") from e
     config = uvicorn.Config(
         root,
         host=host,
@@ -150,9 +229,11 @@ def start_server(
 
     def serve() -> None:
         try:
-            server.run()
-        except BaseException as e:  # SystemExit from a failed bind, too
+            server.run(sockets=[sock])
+        except BaseException as e:
             errors.append(e)
+        finally:
+            sock.close()
 
     thread = threading.Thread(target=serve, name=THREAD_PREFIX + "server", daemon=True)
     thread.start()
@@ -161,4 +242,4 @@ def start_server(
             err = errors[0] if errors else None
             raise OSError(f"asgi_pprof: could not serve on {host}:{port}: {err!r}") from err
         time.sleep(0.005)
-    return PprofServer(server, thread)
+    return PprofServer(server, thread, mount=mount)
