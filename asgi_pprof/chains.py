@@ -12,7 +12,6 @@ moment the frames are taken and keeps none of them.
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 import types
@@ -20,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import waits
+from .frames import current_stacks, resolve
 from .model import Frame, Stack, function_name
-from .sampler import sample_stack
 
 __all__ = ["Reading", "ThreadStacks", "read"]
 
@@ -47,13 +46,11 @@ class ThreadStacks:
         self.refresh()
 
     def refresh(self) -> None:
-        me = threading.get_ident()
-        frames = sys._current_frames()
-        # Never this thread's own frame: kept in a local, it would tie this frame, its
-        # callers and their locals into a cycle only a full collection frees.
-        frames.pop(me, None)
-        self.stacks = {ident: sample_stack(top) for ident, top in frames.items()}
-        del frames
+        # One C call reads every thread (frames.current_stacks): no thread moves mid-read,
+        # and what comes back holds code objects and lines, no frame.
+        raw = current_stacks()
+        raw.pop(threading.get_ident(), None)
+        self.stacks = {ident: resolve(stack) for ident, stack in raw.items()}
 
     def running(self, code: types.CodeType, prefer: int | None) -> tuple[Stack, int] | None:
         """Return the stack down to the outermost frame of ``code`` and its thread, or None."""
