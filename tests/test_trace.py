@@ -448,8 +448,13 @@ def hooks() -> dict[str, Any]:
         "profile": sys.getprofile(),
         "trace": sys.gettrace(),
         "switch": sys.getswitchinterval(),
-        # anyio's idle worker threads are its pool's (the app's sync routes use it too).
-        "threads": sorted(t.name for t in threading.enumerate() if t.name != "AnyIO worker thread"),
+        # anyio's idle worker threads are its pool's (the app's sync routes use it too); the
+        # CPU sampler's thread lives on, idle (own_threads() checks that no capture is left).
+        "threads": sorted(
+            t.name
+            for t in threading.enumerate()
+            if t.name not in ("AnyIO worker thread", "asgi_pprof-sampler")
+        ),
         "capturing": tracing.is_capturing(),
     }
     monitoring = getattr(sys, "monitoring", None)
@@ -904,3 +909,63 @@ async def test_loop_cpu_track_shows_short_bursts_where_they_burn() -> None:
     # window's edges.
     truth = done["cycles"] * 3.6
     assert 0.75 * truth <= alpha + beta <= 1.25 * truth, (alpha + beta, truth)
+
+
+# --- windows that end early -------------------------------------------------------------------
+
+
+class _EndsEarly:
+    """A window the server ends after ``after`` s (shutdown): wait returns True early."""
+
+    def __init__(self, after: float) -> None:
+        self.after = after
+
+    async def wait(self, seconds: float) -> bool:
+        await asyncio.sleep(self.after)
+        return True
+
+
+async def test_shutdown_ends_the_trace_at_once_with_what_was_captured() -> None:
+    before = hooks()
+    t0 = time.monotonic()
+    body = await tracing.capture(20.0, _EndsEarly(0.15), Options())
+    took = time.monotonic() - t0
+    assert took < 5.0, took  # the 20 s window ended with the server, not after 20 s
+    doc = json.loads(body)
+    check_format(doc)
+    assert doc["otherData"]["ended_early"] is True
+    assert doc["otherData"]["duration_us"] < 5_000_000
+    assert hooks() == before
+
+
+async def test_full_window_is_not_marked_early() -> None:
+    body = await tracing.capture(0.1, SleepWindow(), Options())
+    assert json.loads(body)["otherData"]["ended_early"] is False
+
+
+class _Cancelled:
+    """A window whose wait is cancelled (a handler cancelled when its client leaves)."""
+
+    def __init__(self) -> None:
+        self.hooks_inside: dict[str, Any] = {}
+
+    async def wait(self, seconds: float) -> bool:
+        await asyncio.sleep(0.05)
+        self.hooks_inside = hooks()
+        raise asyncio.CancelledError
+
+
+async def test_cancelled_window_removes_everything_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = hooks()
+    written: list[object] = []
+    monkeypatch.setattr(tracing, "render", lambda raw: written.append(raw) or b"")
+    window = _Cancelled()
+    with pytest.raises(asyncio.CancelledError):
+        await tracing.capture(20.0, window, Options())
+    # While it ran, the hooks were in (so this test can fail): the step hook and the sampler.
+    assert window.hooks_inside["handle_run"] is not before["handle_run"]
+    assert "asgi_pprof-trace" in window.hooks_inside["threads"]
+    # The moment the wait was cancelled, everything was put back, with no thread left.
+    assert hooks() == before
+    assert not own_threads()
+    assert written == []
