@@ -54,9 +54,10 @@
 #define STACK_NONE 0u     /* an allocation with no Python frame */
 #define STACK_OVERFLOW 1u /* the stack table was full */
 /* The free path's bit filter of sampled pointers: at least 16 bits per live sample (a
- * false positive, a locked table lookup, on < 1/16 of frees), 4 KiB (in L1) for small
- * heaps, up to 512 KiB. Static so it never moves; untouched pages cost no memory. */
-#define FILTER_MIN_BITS 15
+ * false positive, a locked table lookup, on < 1/16 of frees), 512 bytes (8 cache lines)
+ * for up to 256 live samples (a 128 MB heap at 512 KiB), up to 512 KiB. Static so it
+ * never moves; untouched pages cost no memory. */
+#define FILTER_MIN_BITS 12
 #define FILTER_MAX_BITS 22
 #define FILTER_WORDS ((1u << FILTER_MAX_BITS) / 64)
 
@@ -279,7 +280,10 @@ static void live_delete(ms_live *slot) {
     }
     live[i].ptr = 0;
     live_count--;
-    if (++filter_stale > live_count + 4096) {
+    /* A freed entry's bit stays set until a rebuild: every stale bit is a false positive
+     * (a locked lookup) for 1/2^filter_bits of all frees, so rebuild early. A rebuild
+     * scans the live table: amortized over 64+ removals it is a few ns each. */
+    if (++filter_stale > 64 + live_count / 4) {
         filter_rebuild();
     }
 }
