@@ -230,3 +230,53 @@ def test_start_server_mount_none_serves_your_routes() -> None:
 def test_other_bind_errors_still_raise() -> None:
     with pytest.raises(OSError, match="could not serve"):
         start_server(host="192.0.2.1", port=free_port())  # TEST-NET: not this host's address
+
+
+WORKER_APP = """
+import json, os
+from asgi_pprof import start_server
+
+debug = start_server(port=PPROF_PORT)  # every worker runs this; one gets the port
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = json.dumps({"pid": os.getpid(), "serving": debug.running}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+@pytest.mark.slow
+def test_start_server_in_every_worker_of_uvicorn_workers_2(tmp_path: Path) -> None:
+    """uvicorn --workers 2, start_server at import: one worker serves pprof, the other logs
+    once and goes on serving the app (no worker fails on the port)."""
+    pprof_port, app_port = free_port(), free_port()
+    (tmp_path / "wapp.py").write_text(WORKER_APP.replace("PPROF_PORT", str(pprof_port)))
+    args = [sys.executable, "-m", "uvicorn", "wapp:app", "--workers", "2"]
+    args += ["--port", str(app_port), "--log-level", "warning"]
+    url = f"http://127.0.0.1:{pprof_port}/debug/pprof/"
+    with running(args, tmp_path, url) as proc:
+        seen: dict[int, bool] = {}
+        deadline = time.monotonic() + 60
+        # Both workers import the app before serving; each new connection goes to one of
+        # them (the kernel's choice): bounded by count and time.
+        for _ in range(400):
+            if len(seen) == 2 or time.monotonic() > deadline:
+                break
+            try:
+                r = httpx.get(f"http://127.0.0.1:{app_port}/", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            seen[r.json()["pid"]] = r.json()["serving"]
+        assert len(seen) == 2, f"only saw workers {seen}"
+        assert sorted(seen.values()) == [False, True]
+        assert httpx.get(url + "cmdline", timeout=10).status_code == 200
+        proc.terminate()
+        proc.wait(20)
+        err = proc.stderr.read().decode() if proc.stderr else ""
+    taken = [line for line in err.splitlines() if "is taken" in line]
+    assert len(taken) == 1, err
+    idle_pid = next(pid for pid, serving in seen.items() if not serving)
+    assert f"pid {idle_pid}" in taken[0]
