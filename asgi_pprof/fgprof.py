@@ -25,7 +25,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import compress
+from itertools import compress, repeat
 from typing import TYPE_CHECKING, Any
 
 from . import chains, frames, labels, tasks, waits
@@ -39,6 +39,14 @@ __all__ = ["HZ", "Capture", "FgprofSampler", "get_sampler", "profile", "to_profi
 
 HZ = 99
 """fgprof's rate: 99 samples per second of wall time (off 100 Hz, to avoid lockstep)."""
+
+TASK_BUDGET = 0.01
+"""Share of a core reading tasks should take (1 %): with many tasks they are read less
+often than every tick (1 000 idle tasks: ~100-300 us a reading, so 30-99 times a second),
+and between two readings each suspended task counts at the line it was last seen at."""
+MAX_TASK_INTERVAL = 0.1
+"""Longest time between two readings of the tasks (a task that moved or ended is seen
+within it; the first reading of many tasks, which reads every one, is the slow one)."""
 
 THREAD_NAME = "asgi_pprof-fgprof"
 _log = logging.getLogger("asgi_pprof")
@@ -73,6 +81,12 @@ class _Threads(chains.ThreadStacks):
 
 
 _FUT_WAITER = operator.attrgetter("_fut_waiter")
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
+_MISS = (object(), 0)
+"""Cache entry of a task not in it: its waiter is never this object."""
+_PRUNE_EVERY = 16
+"""Ticks between two prunings of the task cache (a finished task is freed within 0.16 s)."""
 
 
 class FgprofSampler:
@@ -84,10 +98,14 @@ class FgprofSampler:
         self._subs: list[Capture] = []
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        # (task, its waiter) -> key id: a suspended task's reading, kept while it waits
-        # on the same future. Holds the task and waiter, so neither id is reused. Key ids
-        # start at 1 (0 would read as a miss); every capture shares the key table.
-        self._cache: dict[tuple[Any, Any], int] = {}
+        # task -> (its waiter, key id): a suspended task's reading, kept while it waits
+        # on the same future. Holds the task and waiter, so neither id is reused. Every
+        # capture shares the key table.
+        self._cache: dict[Any, tuple[Any, int]] = {}
+        self._ticks = 0
+        self._next_tasks = 0.0
+        self._last_pass: Counter[int] = Counter()
+        self._last_thread: dict[int, tuple[Stack, Labels, str, int]] = {}
         self._keys: list[Key] = [((), ())]
         self._ids: dict[Key, int] = {}
         self.errors = 0
@@ -125,6 +143,9 @@ class FgprofSampler:
             with self._lock:
                 if self._thread is not me:
                     self._cache.clear()
+                    self._last_thread.clear()
+                    self._last_pass = Counter()
+                    self._next_tasks = 0.0
                     return
             try:
                 self._tick()
@@ -140,24 +161,24 @@ class FgprofSampler:
                 continue
 
     def _tick(self) -> None:
-        counted = Counter(self._sample())  # of small ints: no stack is hashed here
+        each_tick, task_pass = self._sample()
+        # Counters of small ints: no stack is hashed here. Between two readings of the
+        # tasks, the suspended ones count where the last reading saw them.
+        per_tick = Counter(each_tick)
+        if task_pass is not None:
+            self._last_pass = Counter(task_pass)
+        per_pass = self._last_pass
         now = time.perf_counter_ns()
         with self._lock:
             subs = list(self._subs)
         for cap in subs:
             if cap.end_mono is not None:
                 continue
+            cap.ticks += 1
             elapsed = now - cap.last_ns
             cap.last_ns = now
-            cap.ticks += 1
-            acc = cap.counts
-            for k, n in counted.items():
-                got = acc.get(k)
-                if got is None:
-                    acc[k] = [n, n * elapsed]
-                else:
-                    got[0] += n
-                    got[1] += n * elapsed
+            _add(cap.counts, per_tick, elapsed)
+            _add(cap.counts, per_pass, elapsed)
 
     def _intern(self, key: Key) -> int:
         i = self._ids.get(key)
@@ -166,8 +187,9 @@ class FgprofSampler:
             self._keys.append(key)
         return i
 
-    def _sample(self) -> list[int]:
-        """Return one key id per live thread and task, read now."""
+    def _sample(self) -> tuple[list[int], list[int] | None]:
+        """Return key ids read now: those weighing the time since the last tick (threads,
+        running tasks), and suspended tasks' (None when tasks were not read this tick)."""
         me = threading.get_ident()
         names = {t.ident: t.name for t in threading.enumerate()}
         stacks = {
@@ -176,41 +198,68 @@ class FgprofSampler:
             if ident != me and not is_own_thread(names.get(ident, ""))
         }
         ids: list[int] = []
-        busy = self._sample_tasks(stacks, ids)
+        idle: list[int] | None = None
+        busy: set[int] = set()
+        start = time.monotonic()
+        if start >= self._next_tasks:
+            c0 = time.thread_time()
+            idle = []
+            busy = self._sample_tasks(stacks, ids, idle)
+            # Many tasks: read them less often than every tick, so reading them costs about
+            # TASK_BUDGET of a core, but at least every MAX_TASK_INTERVAL.
+            spacing = min(MAX_TASK_INTERVAL, (time.thread_time() - c0) / TASK_BUDGET)
+            self._next_tasks = start + spacing - self.interval / 2
+        last = self._last_thread
+        seen: dict[int, tuple[Stack, Labels, str, int]] = {}
         for ident, stack in stacks.items():
             if ident in busy:
                 continue  # its running task was sampled as the task
             name = names.get(ident, f"thread {ident}")
-            state = "waiting" if waits.thread_wait(stack) else "running"
             own = labels.thread_labels(ident)
-            ids.append(
-                self._intern(
-                    (stack, _merge(own, ("kind", "thread"), ("state", state), ("thread", name)))
-                )
-            )
-        return ids
+            prev = last.get(ident)
+            # Same Frames (cached per code and line) compare by identity: a thread that
+            # did not move costs no hashing of its stack.
+            if prev is not None and prev[0] == stack and prev[1] is own and prev[2] == name:
+                i = prev[3]
+            else:
+                state = "waiting" if waits.thread_wait(stack) else "running"
+                labs = _merge(own, ("kind", "thread"), ("state", state), ("thread", name))
+                i = self._intern((stack, labs))
+            seen[ident] = (stack, own, name, i)
+            ids.append(i)
+        self._last_thread = seen
+        return ids, idle
 
-    def _sample_tasks(self, stacks: dict[int, Stack], ids: list[int]) -> set[int]:
+    def _sample_tasks(
+        self, stacks: dict[int, Stack], running: list[int], idle: list[int]
+    ) -> set[int]:
+        """Append key ids of running tasks to ``running``, of the others to ``idle``;
+        return the threads running a task."""
         loops = {id(lp): lp for lp in tasks.known_loops()}
         if not loops:
             self._cache.clear()
             return set()
         # The goroutine profile's finder of every task (C copies of asyncio's sets).
         all_tasks = tasks._all_tasks()
-        # Every task's waiter, looked up in the cache in C: an idle task costs a few
-        # C steps per tick, no bytecode, no stack hashed.
+        # Every task's waiter and its cache entry, compared in C: an idle task costs a
+        # few C steps per tick, no bytecode, no allocation, no stack hashed.
         try:
-            pairs = list(zip(all_tasks, map(_FUT_WAITER, all_tasks), strict=True))
+            waiters = list(map(_FUT_WAITER, all_tasks))
         except AttributeError:  # a task class of its own: the slow way
-            pairs = [(t, getattr(t, "_fut_waiter", None)) for t in all_tasks]
-        old = self._cache
-        hits = list(map(old.get, pairs))
-        cache: dict[tuple[Any, Any], int] = dict(compress(zip(pairs, hits, strict=True), hits))  # type: ignore[arg-type]
-        ids.extend(filter(None, hits))
+            waiters = [getattr(t, "_fut_waiter", None) for t in all_tasks]
+        cache = self._cache
+        entries = list(map(cache.get, all_tasks, repeat(_MISS)))
+        same = list(map(operator.is_, map(_FIRST, entries), waiters))
+        idle.extend(compress(map(_SECOND, entries), same))
+        self._ticks += 1
+        if self._ticks % _PRUNE_EVERY == 0:
+            # Tasks gone or moved leave the cache (it holds them: they stay alive until then).
+            cache = self._cache = dict(compress(zip(all_tasks, entries, strict=True), same))
         threads: _Threads | None = None
         loop_info: dict[int, tuple[float | None, int | None, str]] = {}
         busy: set[int] = set()
-        for task, waiter in compress(pairs, map(operator.not_, hits)):
+        misses = zip(all_tasks, waiters, strict=True)
+        for task, waiter in compress(misses, map(operator.not_, same)):
             try:
                 if task.done():
                     continue
@@ -246,13 +295,22 @@ class FgprofSampler:
             own = labels.task_labels(task)
             key = (got.stack, _merge(own, ("kind", "task"), ("state", state), ("thread", info[2])))
             i = self._intern(key)
-            ids.append(i)
+            (running if state == "running" else idle).append(i)
             if state != "running" and waiter is not None and _waiter_of(task) is waiter:
                 # Suspended on this future: it cannot move until woken, and a woken task
                 # drops the future (asyncio clears _fut_waiter at the step's start).
-                cache[(task, waiter)] = i
-        self._cache = cache
+                cache[task] = (waiter, i)
         return busy
+
+
+def _add(acc: dict[int, list[int]], counted: Counter[int], elapsed: int) -> None:
+    for k, n in counted.items():
+        got = acc.get(k)
+        if got is None:
+            acc[k] = [n, n * elapsed]
+        else:
+            got[0] += n
+            got[1] += n * elapsed
 
 
 def _waiter_of(task: Any) -> Any:

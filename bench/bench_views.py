@@ -9,7 +9,8 @@
 3. Rendering a 30 s profile of the reference app under load (fgprof, CPU): time and
    size of each page (html, speedscope, folded).
 
-Standalone: ``python bench/bench_views.py`` (``make bench`` runs it).
+Standalone: ``python bench/bench_views.py [fgprof] [labels] [pages]`` (``make bench`` runs
+all three).
 """
 
 from __future__ import annotations
@@ -231,9 +232,10 @@ def bench_pages() -> None:
 def main() -> None:
     print(f"machine: {os.cpu_count()} cpus; loaded machines give noisy numbers")
     t0 = time.monotonic()
-    bench_fgprof_cost()
-    bench_label_middleware()
-    bench_pages()
+    parts = {"fgprof": bench_fgprof_cost, "labels": bench_label_middleware, "pages": bench_pages}
+    for name, part in parts.items():
+        if len(sys.argv) < 2 or name in sys.argv[1:]:
+            part()
     print(f"(took {time.monotonic() - t0:.0f} s)")
 
 

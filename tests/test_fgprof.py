@@ -192,3 +192,31 @@ async def test_a_failing_tick_does_not_kill_the_sampler(monkeypatch: pytest.Monk
     ending.join(2)
     assert s.errors >= 3
     assert cap.ticks >= 3
+
+
+async def fgprof_test_idle(ev: asyncio.Event) -> None:
+    await ev.wait()
+
+
+async def test_many_tasks_read_less_often_keep_their_time() -> None:
+    # 3 000 suspended tasks: reading them all takes long enough that the budget spaces
+    # the readings out, yet each task's time still sums to the window (each reading
+    # weighs the time since the previous one).
+    ev = asyncio.Event()
+    idle = [asyncio.create_task(fgprof_test_idle(ev)) for _ in range(3000)]
+    await asyncio.sleep(0)
+    t0 = time.perf_counter()
+    got = await fgprof.profile(0.6, SleepWindow())
+    win_ns = (time.perf_counter() - t0) * 1e9
+    ev.set()
+    await asyncio.gather(*idle)
+    assert got is not None
+    total = _time_where(got, "tests.test_fgprof.fgprof_test_idle", kind="task")
+    n = sum(
+        s.values[0]
+        for s in got.samples
+        if any(f.function == "tests.test_fgprof.fgprof_test_idle" for f in s.stack)
+    )
+    # 3 000 tasks x the window, less a reading interval at each end (<= 10 % of 0.6 s).
+    assert abs(total - 3000 * win_ns) < 0.1 * 3000 * win_ns, (total / 1e9, win_ns / 1e9)
+    print(f"3000 tasks: {n / 3000:.0f} readings in {win_ns / 1e9:.2f} s")

@@ -85,7 +85,8 @@ def browse(url: str, tmp: Path, name: str) -> tuple[str, list[str]]:
 
 def serve_pages(pages: dict[str, bytes]) -> Starlette:
     async def page(request: Request) -> HTMLResponse:
-        return HTMLResponse(pages[request.path_params["name"]])
+        body = pages.get(request.path_params["name"])
+        return HTMLResponse(body or b"", status_code=200 if body else 404)
 
     return Starlette(routes=[Route("/{name}", page)])
 
