@@ -226,7 +226,7 @@ def watched_count() -> int:
 def _task_loops() -> list[asyncio.AbstractEventLoop]:
     """Return the loops of every asyncio task in the process (3.11-3.13 keep them in sets)."""
     found: dict[int, asyncio.AbstractEventLoop] = {}
-    for attr in ("_scheduled_tasks", "_eager_tasks"):
+    for attr in ("_scheduled_tasks", "_all_tasks", "_eager_tasks"):
         container = getattr(asyncio.tasks, attr, None)
         data = getattr(container, "data", container)
         if not isinstance(data, set):
