@@ -26,8 +26,10 @@ from pyinstrument.session import Session
 from .model import Frame, ProfileData, Stack, ValueType
 
 __all__ = [
+    "FORMATS",
     "TIME_UNITS",
     "is_time",
+    "render",
     "render_folded",
     "render_html",
     "render_speedscope",
@@ -121,6 +123,14 @@ def _session(
     )
 
 
+def _sample_count(data: ProfileData) -> int:
+    """Return the samples a profile counts (its ``samples``/``count`` column), 0 if none."""
+    for i, vt in enumerate(data.sample_types):
+        if vt == ValueType("samples", "count"):
+            return sum(s.values[i] for s in data.samples)
+    return 0
+
+
 def _pyinstrument_page(data: ProfileData, index: int, title: str) -> str:
     scale = TIME_UNITS[data.sample_types[index].unit]
     stacks = _stacks(data, index)
@@ -136,7 +146,7 @@ def _pyinstrument_page(data: ProfileData, index: int, title: str) -> str:
         start_time=data.time_nanos / 1e9 if data.time_nanos else time.time(),
         duration=duration,
         interval=period_s or 0.01,
-        sample_count=len(records),
+        sample_count=_sample_count(data) or len(records),
         title=title,
     )
     page: str = HTMLRenderer(resample_interval=0).render(session)
@@ -323,3 +333,30 @@ def render_folded(data: ProfileData, sample_index: int = 0) -> bytes:
         for st, v in _stacks(data, index)
     )
     return "".join(lines).encode()
+
+
+FORMATS = {
+    "html": "text/html; charset=utf-8",
+    "speedscope": "application/json",
+    "folded": "text/plain; charset=utf-8",
+}
+"""The ``format=`` values these renderers answer, and each one's Content-Type."""
+
+
+def render(
+    data: ProfileData, fmt: str, title: str, sample_index: int | None = None
+) -> tuple[bytes, str]:
+    """Return (body, Content-Type) of ``data`` in ``fmt`` (a key of :data:`FORMATS`).
+
+    Raises ValueError for another format or a bad ``sample_index``. Runs in a worker
+    thread (``concurrency.run_in_thread``): a page of a big profile takes tens of ms.
+    """
+    if fmt == "html":
+        body = render_html(data, title, sample_index)
+    elif fmt == "speedscope":
+        body = render_speedscope(data, title)
+    elif fmt == "folded":
+        body = render_folded(data, 0 if sample_index is None else sample_index)
+    else:
+        raise ValueError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
+    return body, FORMATS[fmt]

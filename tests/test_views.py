@@ -244,3 +244,17 @@ def test_folded_is_fgprofs_format() -> None:
 def test_bad_sample_index() -> None:
     with pytest.raises(ValueError, match="sample_index"):
         views.render_html(views_test_allocates(), "heap", sample_index=5)
+
+
+def test_render_dispatches_formats() -> None:
+    heap = views_test_allocates()
+    body, ctype = views.render(heap, "html", "heap")
+    assert ctype.startswith("text/html")
+    assert body == views.render_html(heap, "heap")
+    body, ctype = views.render(heap, "speedscope", "heap")
+    assert ctype == "application/json"
+    assert json.loads(body)["name"] == "heap"
+    body, ctype = views.render(heap, "folded", "heap", 1)
+    assert body == views.render_folded(heap, 1)
+    with pytest.raises(ValueError, match="unknown format"):
+        views.render(heap, "svg", "heap")
