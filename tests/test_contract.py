@@ -57,7 +57,14 @@ class Row:
     method: str = "GET"
     content: bytes | None = None
     go_error: bool = False
+    client: tuple[str, int] = ("127.0.0.1", 123)  # httpx's default; others are refused
 
+
+FORBIDDEN = (
+    b"forbidden: the pprof endpoints answer loopback clients only, not 192.0.2.7; allow others "
+    b"with create_app(allow=['10.0.0.0/8', ...]) (CIDR strings, or a callable of the request "
+    b"returning True)\n"
+)
 
 ROWS = [
     Row("/debug/pprof/", 200, HTML, prefix=b"<html>\n<head>\n<title>/debug/pprof/</title>"),
@@ -225,7 +232,23 @@ ROWS = [
         go_error=True,
     ),
     Row("/debug/pprof/" + "x" * 5000, 404, TEXT, body=b"Unknown profile\n", go_error=True),
+    # Safe exposure: a client that is not loopback is refused before anything runs.
+    *(
+        Row(path, 403, TEXT, body=FORBIDDEN, go_error=True, client=("192.0.2.7", 1), method=m)
+        for m, path in [
+            ("GET", "/debug/pprof/"),
+            ("GET", "/debug/pprof/profile?seconds=30"),
+            ("GET", "/debug/pprof/goroutine?debug=2"),
+            ("POST", "/debug/pprof/symbol"),
+            ("PUT", "/debug/pprof/heap"),
+            ("GET", "/debug/pprof/nosuch"),
+        ]
+    ),
 ]
+
+
+def _from(row: Row) -> str:
+    return "" if row.client == Row.client else f" from {row.client[0]}"
 
 
 def parent_starlette() -> Starlette:
@@ -244,10 +267,10 @@ def parent_fastapi() -> FastAPI:
 @pytest.mark.parametrize(
     "make_app", [parent_starlette, parent_fastapi], ids=["starlette", "fastapi"]
 )
-@pytest.mark.parametrize("row", ROWS, ids=[f"{r.method} {r.path[:60]}" for r in ROWS])
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r.method} {r.path[:60]}{_from(r)}" for r in ROWS])
 async def test_contract_row(row: Row, make_app: object) -> None:
     assert callable(make_app)
-    transport = httpx.ASGITransport(app=make_app())
+    transport = httpx.ASGITransport(app=make_app(), client=row.client)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         r = await c.request(row.method, row.path, content=row.content)
     assert r.status_code == row.status, r.text
