@@ -182,6 +182,10 @@ class _MethodGuard:
         self.allow = ", ".join(m for m in ("GET", "HEAD", "POST") if m in methods)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            # A handler used as a server's root app also gets "lifespan" (returning says
+            # "unsupported") or a websocket (closed unaccepted): pprof is HTTP only.
+            return
         request = Request(scope, receive)
         try:
             await self.exposure.check(request)

@@ -152,3 +152,13 @@ def test_example_production_separate_debug_port(tmp_path: Path, go_tool: Any) ->
         with traffic(base + "/checkout", 30):
             cpu = go_tool("-top", debug + "profile?seconds=2")
         assert "production_checkout_total" in cpu
+
+
+def test_single_handler_as_a_servers_root_app() -> None:
+    """uvicorn serving handler("goroutine") itself: lifespan is declined quietly, HTTP works."""
+    from tests.conftest import ServerThread
+
+    # lifespan="on": an app that raises on the lifespan scope fails uvicorn's startup.
+    with ServerThread(handler("goroutine"), lifespan="on") as srv:
+        r = httpx.get(f"{srv.url}/anything?debug=1", timeout=10)
+        assert r.text.startswith("goroutine profile: total ")
