@@ -751,6 +751,24 @@ static PyObject *py_rehook_after(PyObject *self, PyObject *fn) {
     return result;
 }
 
+/* uninstall() -> domains our hooks were taken off: only where they are the outermost
+ * (anything stacked on top of them keeps calling them). For benchmarks that compare
+ * with no hooks in one process; frees while off go unseen (stale in-use figures). */
+static PyObject *py_uninstall(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    int removed = 0;
+    for (int i = 0; i < 2; i++) {
+        PyMemAllocatorEx cur;
+        PyMem_GetAllocator(domains[i].domain, &cur);
+        if (cur.malloc == ms_malloc && cur.ctx == &domains[i]) {
+            PyMem_SetAllocator(domains[i].domain, &domains[i].under);
+            removed++;
+        }
+    }
+    return PyLong_FromLong(removed);
+}
+
 static PyObject *py_hooked(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -931,6 +949,7 @@ static PyMethodDef methods[] = {
     {"get_rate", py_get_rate, METH_NOARGS, "get_rate() -> the sampling rate in bytes."},
     {"rehook", py_rehook, METH_NOARGS, "rehook() -> domains our hooks were put back on."},
     {"rehook_after", py_rehook_after, METH_O, "rehook_after(fn) -> fn(), then rehook at once."},
+    {"uninstall", py_uninstall, METH_NOARGS, "uninstall() -> domains taken off (benchmarks)."},
     {"hooked", py_hooked, METH_NOARGS, "hooked() -> bits of the domains passing through us."},
     {"bucket_count", py_bucket_count, METH_NOARGS, "bucket_count() -> number of buckets."},
     {"buckets", py_buckets, METH_VARARGS, "buckets(start, count) -> list of bucket tuples."},

@@ -127,24 +127,33 @@ MICRO_VARIANTS = ["no hooks", "sampled", "hooked, rate 0", "tracemalloc 1", "tra
 
 
 def micro_child() -> None:
-    """Run in a child: time every variant in this process; print JSON seconds by variant.
+    """Run in a child: time every variant, alternated in this process; print JSON seconds.
 
-    The hooks cannot come off once on, so the order is fixed: no hooks, then sampling at
-    512 KiB and the rate at 0 alternated, then tracemalloc. Ratios are taken within one
-    process (processes differ by more than the effect).
+    Ratios are taken within one process (processes differ by more than the effect): the
+    hooks go on and off between runs (``_memsample.uninstall``, a benchmark-only call).
     """
     import tracemalloc
 
-    from asgi_pprof import memprofile
+    from asgi_pprof import _memsample, memprofile
 
-    _time_runs(3)  # warm up
+    def variant(v: str) -> None:
+        if v == "no hooks":
+            memprofile.set_memory_profile_rate(0)
+            _memsample.uninstall()
+        else:
+            _memsample.reset()
+            memprofile.set_memory_profile_rate(RATE)  # puts the hooks (back) on
+            if v == "hooked, rate 0":
+                memprofile.set_memory_profile_rate(0)
+
+    _time_runs(5)  # warm up: arenas, caches
     out: dict[str, list[float]] = {v: [] for v in MICRO_VARIANTS}
-    out["no hooks"].append(_time_runs())
+    plain = MICRO_VARIANTS[:3]
     for i in range(6):
-        for v in ("sampled", "hooked, rate 0") if i % 2 == 0 else ("hooked, rate 0", "sampled"):
-            memprofile.set_memory_profile_rate(RATE if v == "sampled" else 0)
+        for v in plain if i % 2 == 0 else plain[::-1]:
+            variant(v)
             out[v].append(_time_runs(3))
-    memprofile.set_memory_profile_rate(0)
+    variant("no hooks")
     for frames in (1, 16):
         tracemalloc.start(frames)
         out[f"tracemalloc {frames}"].append(_time_runs(3))
