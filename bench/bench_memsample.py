@@ -276,7 +276,7 @@ async def _serve() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://b", timeout=300) as c:
         kept = []
-        for n_funcs in (100, 2_000, 20_000):
+        for n_funcs in (100, 2_000, 10_000):
             memprofile.set_memory_profile_rate(1)  # every allocation: buckets = stacks x sizes
             for fn in _make_stacks(n_funcs):
                 kept.append(fn())
