@@ -299,12 +299,6 @@ class Names:
         self.deeper.clear()
         self.restarts += 1
 
-    def _name_all(self, tb: Traceback) -> None:
-        frames = self.frames
-        for fr in tb:
-            if fr not in frames:
-                self.frame(fr)
-
     def stack(self, tb: Traceback) -> tuple[Frame, ...]:
         """Return the leaf-first stack of tracemalloc's traceback ``tb``.
 
@@ -314,9 +308,7 @@ class Names:
             try:
                 return tuple(map(self._frame_of, tb))
             except KeyError:
-                self._name_all(tb)
-            if self._simple(tb):
-                return tuple(map(self._frame_of, tb))
+                pass  # new frames: name them one by one (the cache may restart meanwhile)
         return tuple(self._nested(tb))
 
     def _nested(self, tb: Traceback) -> list[Frame]:
@@ -341,12 +333,7 @@ class Names:
             try:
                 return list(map(self._cells_of, tb))
             except KeyError:
-                self._name_all(tb)
-                for fr in tb:
-                    if fr not in self.cells:
-                        self.text_cells(fr)
-            if self._simple(tb):
-                return list(map(self._cells_of, tb))
+                pass
         return [self.text_cells(fr, d) for fr, d in zip(tb, depths(tb), strict=True)]
 
     def text_cells(self, fr: tuple[str, int], depth: int = 0) -> Cells:

@@ -563,23 +563,27 @@ async def chunk_stats(n: int = 1000) -> dict[str, int]:
 
 # --- the app ------------------------------------------------------------------------------
 
-app = FastAPI(title="realapp", version="1.0")
 
-
-@app.middleware("http")
 async def request_id(request: Request, call_next: Any) -> Any:
     response = await call_next(request)
     response.headers["x-request-id"] = uuid.uuid4().hex
     return response
 
 
-for _router in (users, teams, projects, tasks, billing, misc):
-    app.include_router(_router)
-store.seed()
-app.openapi()  # what the first /docs visit builds: the schema of every model
+def make_app(tracemalloc_frames: int = 0, seed_tasks: int = 2000) -> FastAPI:
+    """Return a fresh app: routers, middleware, OpenAPI schema built, store seeded, pprof."""
+    app = FastAPI(title="realapp", version="1.0")
+    app.middleware("http")(request_id)
+    for router in (users, teams, projects, tasks, billing, misc):
+        app.include_router(router)
+    store.__init__()  # type: ignore[misc]
+    store.seed(tasks=seed_tasks)
+    app.openapi()  # what the first /docs visit builds: the schema of every model
+    app.mount("/debug/pprof", create_app(tracemalloc_frames=tracemalloc_frames))
+    return app
 
-_frames = int(os.environ.get("REALAPP_TRACEMALLOC", "0"))
-app.mount("/debug/pprof", create_app(tracemalloc_frames=_frames))
+
+app = make_app(int(os.environ.get("REALAPP_TRACEMALLOC", "0")))
 
 # A few requests of each kind, as after a little traffic (warms FastAPI's caches).
 WARM_PATHS = [

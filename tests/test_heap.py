@@ -534,3 +534,52 @@ def test_heap_window_fetched_by_go_tool_pprof_seconds(go_tool: Any) -> None:
         out = go_tool("-top", "-seconds", "1", f"{server.url}{MOUNT}/heap")
         assert "Type: inuse_space" in out
     assert not tracemalloc.is_tracing()
+
+
+# --- our own allocations and caches -------------------------------------------------------
+
+
+async def test_heap_leaves_our_own_allocations_out_and_counts_them(
+    client: httpx.AsyncClient, tracing: None
+) -> None:
+    held = hold_heap_blocks(20, 100_000)
+    for url in (HEAP, HEAP + "?debug=1", HEAP):  # fills our name caches while traced
+        assert (await client.get(url)).status_code == 200
+    data = await fetch(client, HEAP)
+    ours = heap_names.PACKAGE_DIR
+    # The independent truth: tracemalloc itself sees blocks allocated by our frames...
+    truth = sum(
+        st.size
+        for st in tracemalloc.take_snapshot().statistics("traceback")
+        if any(f.filename.startswith(ours) for f in st.traceback)
+    )
+    assert truth > 0
+    # ...and the profile has none of them, while the app's memory is all there.
+    assert not [f for s in data.samples for f in s.stack if f.filename.startswith(ours)]
+    assert through(data, "hold_heap_blocks", 1) >= 2_000_000
+    r = await client.get(HEAP + "?debug=1")
+    m = re.search(r"^# asgi_pprof\.own_bytes = (\d+)$", r.text, re.M)
+    assert m
+    assert int(m.group(1)) > 0
+    assert heap.last_snapshot.own_bytes > 0
+    del held
+
+
+async def test_heap_name_caches_are_bounded(
+    client: httpx.AsyncClient, tracing: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = heap_names.names
+    monkeypatch.setattr(heap_names, "MAX_FRAMES", 40)
+    before = names.restarts
+    held = hold_heap_blocks(20, 100_000)
+    try:
+        data = await fetch(client, HEAP)
+        r = await client.get(HEAP + "?debug=1")
+        assert len(names.frames) <= 40
+        assert names.restarts > before
+        assert re.search(r"^# asgi_pprof\.names\.frames = \d+ \(max 40\)$", r.text, re.M)
+        # Names stay right across restarts.
+        assert through(data, "hold_heap_blocks", 1) >= 2_000_000
+    finally:
+        names._restart()
+    del held
