@@ -30,6 +30,7 @@ MOUNT = "/debug/pprof"
 
 log = logging.getLogger("asgi_pprof")
 _warned: set[tuple[str, int]] = set()
+_serving: set[tuple[str, int]] = set()  # (host, port) of this process's running servers
 
 
 def make_root_app(app: ASGIApp | None = None, mount: str = MOUNT) -> Starlette:
@@ -195,27 +196,35 @@ def start_server(
     """
     if if_port_taken not in ("warn", "raise"):
         raise ValueError(f"if_port_taken must be 'warn' or 'raise', not {if_port_taken!r}")
-    if mount is None or mount.strip("/") == "":
-        mount = ""
-        root: ASGIApp = app or create_app(**options)
-    else:
-        mount = "/" + mount.strip("/")
-        root = make_root_app(app or create_app(**options), mount)
+    prefix = "/" + mount.strip("/") if mount is not None else "/"
+    prefix = "" if prefix == "/" else prefix
     try:
-        sock = _bind(host, port)
+        sock = _bind(host, port)  # first: a worker that loses the port builds no app
     except OSError as e:
         if e.errno == errno.EADDRINUSE and if_port_taken == "warn":
             if (host, port) not in _warned:
                 _warned.add((host, port))
+                who = (
+                    "this process already serves pprof there"
+                    if (host, port) in _serving
+                    else "another worker of this server, or another program"
+                )
                 log.warning(
-                    "asgi_pprof: %s:%d is taken (another worker of this server, or another "
-                    "program): this process (pid %d) serves no pprof endpoint",
+                    "asgi_pprof: %s:%d is taken (%s): this call (pid %d) serves nothing",
                     host,
                     port,
+                    who,
                     os.getpid(),
                 )
-            return PprofServer(None, None, host=host, port=port, mount=mount)
+            return PprofServer(None, None, host=host, port=port, mount=prefix)
         raise OSError(e.errno, f"asgi_pprof: could not serve on {host}:{port}: {e!r}") from e
+    bound = (host, int(sock.getsockname()[1]))
+    try:
+        pprof = app or create_app(**options)
+    except BaseException:
+        sock.close()
+        raise
+    root: ASGIApp = pprof if prefix == "" else make_root_app(pprof, prefix)
     config = uvicorn.Config(
         root,
         host=host,
@@ -228,11 +237,13 @@ def start_server(
     errors: list[BaseException] = []
 
     def serve() -> None:
+        _serving.add(bound)
         try:
             server.run(sockets=[sock])
         except BaseException as e:
             errors.append(e)
         finally:
+            _serving.discard(bound)
             sock.close()
 
     thread = threading.Thread(target=serve, name=THREAD_PREFIX + "server", daemon=True)
@@ -242,4 +253,4 @@ def start_server(
             err = errors[0] if errors else None
             raise OSError(f"asgi_pprof: could not serve on {host}:{port}: {err!r}") from err
         time.sleep(0.005)
-    return PprofServer(server, thread, mount=mount)
+    return PprofServer(server, thread, mount=prefix)

@@ -280,3 +280,12 @@ def test_start_server_in_every_worker_of_uvicorn_workers_2(tmp_path: Path) -> No
     assert len(taken) == 1, err
     idle_pid = next(pid for pid, serving in seen.items() if not serving)
     assert f"pid {idle_pid}" in taken[0]
+
+
+def test_start_server_twice_on_one_port_in_one_process(caplog: pytest.LogCaptureFixture) -> None:
+    with start_server(port=0) as srv:
+        with caplog.at_level(logging.WARNING, logger="asgi_pprof"):
+            again = start_server(port=srv.port)
+        assert not again.running
+        assert srv.running
+        assert "this process already serves pprof there" in caplog.text
