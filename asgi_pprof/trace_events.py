@@ -111,6 +111,8 @@ class RawTrace:
     late_names: dict[int, str] = field(default_factory=dict)
     """``task id -> name`` of the tasks still running when the capture ended."""
     cpu_exact: int | None = None
+    cpu_ns: dict[int, int] = field(default_factory=dict)
+    """``thread ident -> CPU ns`` each thread burnt during the capture, from its CPU clock."""
     """Ident of the thread that took its own ticks (SIGPROF on the main thread): exact frames."""
 
 
@@ -348,20 +350,19 @@ _RUN_ENTRIES = frozenset({"asyncio.runners.Runner.run", "asyncio.runners.run", "
 
 
 def _cpu_events(
-    raw: RawTrace, pid: int, tid: int, ticks: list[tuple[int, int, Stack]]
+    raw: RawTrace, pid: int, tid: int, ticks: list[tuple[int, int, Stack]], period: int
 ) -> list[Timed]:
     """Return the flame chart of one thread's CPU ticks (in time order).
 
-    A tick says the thread had burnt one more ``cpu_period_ns`` of CPU, in that stack: it
-    becomes slices of exactly that length ending at the tick (or starting where the
-    previous one ended), so each function's total on the track is its CPU time as
-    sampled, without the GIL bias of a wall-clock sampler thread. Frames shared with the
-    previous tick stay one slice when the two touch.
+    A tick says the thread had burnt one more period of CPU, in that stack: it becomes
+    slices of ``period`` (the thread's CPU over the window per tick) ending at the tick
+    (or starting where the previous one ended), so each function's total on the track is
+    its CPU time as sampled, without the GIL bias of a wall-clock sampler thread. Frames
+    shared with the previous tick stay one slice when the two touch.
     """
     out: list[Timed] = []
     opened: list[tuple[Frame, int]] = []  # root first
     end = -1
-    period = raw.cpu_period_ns
 
     def close(keep: int) -> None:
         while len(opened) > keep:
@@ -548,14 +549,21 @@ def events(raw: RawTrace) -> tuple[list[dict[str, Any]], list[Timed], dict[str, 
             continue
         ticks.sort(key=lambda k: k[0])
         tid = cpu_tid + n
-        evs.extend(_cpu_events(raw, pid, tid, ticks))
+        # The thread's real CPU over the window (its CPU clock) spread over its ticks, as
+        # the CPU profile's cpu/nanoseconds does: ticks come at kernel ticks and a loaded
+        # machine loses some, so ticks x period alone can be short of what was burnt.
+        burnt = raw.cpu_ns.get(ident)
+        period = raw.cpu_period_ns
+        if burnt is not None and burnt > 0:
+            period = max(1, burnt // len(ticks))
+        evs.extend(_cpu_events(raw, pid, tid, ticks, period))
         tname = raw.threads.get(ident, (None, f"thread {ident}"))[1] or f"thread {ident}"
         how = (
             "exact: its own SIGPROF ticks"
             if ident == raw.cpu_exact
             else "read at its CPU timer's tick"
         )
-        label = f"{tname} · CPU, one slice per {raw.cpu_period_ns / 1e6:g} ms of it ({how})"
+        label = f"{tname} · CPU, one slice per tick: {period / 1e6:.3g} ms of it ({how})"
         meta.append(_meta(pid, tid, "thread_name", {"name": label}))
         index = 2 * shown.index(ident) + 1 if ident in shown else 2 * len(shown) + n
         meta.append(_meta(pid, tid, "thread_sort_index", {"sort_index": index}))

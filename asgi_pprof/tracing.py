@@ -17,7 +17,7 @@ only while a capture runs:
   the main thread itself in its ``SIGPROF`` handler (no GIL bias): the CPU tracks.
 * a wall-clock sampler thread (``asgi_pprof-trace``) reading every thread's stack in
   one C call (``frames.current_stacks``): at ``trace_sample_hz`` while a loop step runs
-  long (where the loop was stuck, blocking calls included), at 25 Hz otherwise (what
+  long (where the loop was stuck, blocking calls included), at 50 Hz otherwise (what
   threads wait on). Each wake-up takes the GIL from the running threads, which costs
   more than the sample itself: it wakes once per sample, no more.
 
@@ -35,6 +35,7 @@ import functools
 import gc
 import logging
 import operator
+import sys
 import threading
 import time
 import types
@@ -76,7 +77,7 @@ _CODE = operator.itemgetter(0)  # a raw frame's code object
 _FunctionType = types.FunctionType
 _MethodType = types.MethodType
 _BuiltinType = types.BuiltinMethodType
-_IDLE_HZ = 25
+_IDLE_HZ = 50
 """Wall-clock sampling rate while no loop step runs long (then ``trace_sample_hz``)."""
 
 
@@ -170,6 +171,26 @@ def _run_step(self: asyncio.Handle) -> None:
             rec.full(t0)
 
 
+def _threads_cpu_ns() -> dict[int, int]:
+    """Return ``ident -> CPU ns`` of every thread, from its CPU clock (Linux; else empty).
+
+    The clock id is built from the kernel thread id (``CPUCLOCK_SCHED`` of that thread),
+    never from a ``pthread_t`` that a thread exiting meanwhile would free.
+    """
+    out: dict[int, int] = {}
+    if not sys.platform.startswith("linux"):
+        return out
+    for th in threading.enumerate():
+        tid = th.native_id
+        if th.ident is None or tid is None:
+            continue
+        try:
+            out[th.ident] = time.clock_gettime_ns(((~tid) << 3) | 4 | 2)
+        except OSError:  # it has just ended
+            continue
+    return out
+
+
 _builtin_names: dict[tuple[type, str], str] = {}
 _task_types: dict[type, bool] = {type(None): False}
 """Whether a callback's owner type is a task type (asyncio's, or a subclass): learnt once."""
@@ -259,6 +280,8 @@ class _Recorder:
         self._cpu_sampler: Sampler = get_sampler(options.sample_hz, options.switch_interval)
         self._cpu: Capture | None = None
         self.cpu_exact: int | None = None
+        self.cpu_ns: dict[int, int] = {}
+        self._cpu_start: dict[int, int] = {}
         """Ident of the thread whose CPU ticks are exact (the main thread's own SIGPROF)."""
         self.loop_ident = _get_ident()  # made on the loop's thread
         self.start_ns = _now()
@@ -485,6 +508,7 @@ class _Recorder:
         # The CPU profiler's sampler (shared with /profile): exact CPU ticks of the main
         # thread from its own SIGPROF handler, other threads' from their CPU timers.
         self._cpu = self._cpu_sampler.subscribe(timeline=True)
+        self._cpu_start = _threads_cpu_ns()
         self._sampler = threading.Thread(
             target=self._sampler_main, name=THREAD_PREFIX + "trace", daemon=True
         )
@@ -506,6 +530,10 @@ class _Recorder:
             if getattr(self._cpu_sampler, "_main_by_signal", False):
                 self.cpu_exact = threading.main_thread().ident
             self._cpu_sampler.unsubscribe(self._cpu)  # cheap, synchronous
+            end = _threads_cpu_ns()
+            self.cpu_ns = {
+                i: ns - self._cpu_start[i] for i, ns in end.items() if i in self._cpu_start
+            }
             self._cpu_sampler.release_signal()
         try:
             if asyncio.Handle.__dict__.get("_run") is _run_step:
@@ -591,6 +619,7 @@ class _Recorder:
             cpu_ticks=list(self._cpu.timeline or ()) if self._cpu is not None else [],
             cpu_period_ns=self._cpu_sampler.period_ns,
             cpu_exact=self.cpu_exact,
+            cpu_ns=self.cpu_ns,
             late_names=self.late_names,
         )
         self._cpu = None
