@@ -108,6 +108,7 @@ class FgprofSampler:
         self._next_tasks = 0.0
         self._last_pass: Counter[int] = Counter()
         self._last_thread: dict[int, tuple[Stack, Labels, str, int]] = {}
+        self._resolved: dict[int, tuple[frames.RawStack, Stack]] = {}
         self._keys: list[Key] = [((), ())]
         self._ids: dict[Key, int] = {}
         self.errors = 0
@@ -146,6 +147,7 @@ class FgprofSampler:
                 if self._thread is not me:
                     self._cache.clear()
                     self._last_thread.clear()
+                    self._resolved.clear()
                     self._last_pass = Counter()
                     self._next_tasks = 0.0
                     return
@@ -194,11 +196,22 @@ class FgprofSampler:
         running tasks), and suspended tasks' (None when tasks were not read this tick)."""
         me = threading.get_ident()
         names = {t.ident: t.name for t in threading.enumerate()}
-        stacks = {
-            ident: frames.resolve(raw)
-            for ident, raw in frames.current_stacks().items()
-            if ident != me and not is_own_thread(names.get(ident, ""))
-        }
+        # A thread that did not move has an equal raw stack (same code objects, lines and
+        # globals, compared in C): its resolved stack is reused.
+        resolved = self._resolved
+        stacks: dict[int, Stack] = {}
+        for ident, raw in frames.current_stacks().items():
+            if ident == me or is_own_thread(names.get(ident, "")):
+                continue
+            known = resolved.get(ident)
+            if known is not None and known[0] == raw:
+                stacks[ident] = known[1]
+            else:
+                stack = stacks[ident] = frames.resolve(raw)
+                resolved[ident] = (raw, stack)
+        if len(resolved) > len(stacks) + 64:  # threads that ended
+            for ident in [i for i in resolved if i not in stacks]:
+                del resolved[ident]
         ids: list[int] = []
         idle: list[int] | None = None
         busy: set[int] = set()
