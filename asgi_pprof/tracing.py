@@ -280,9 +280,10 @@ class _Recorder:
         self._cpu_sampler: Sampler = get_sampler(options.sample_hz, options.switch_interval)
         self._cpu: Capture | None = None
         self.cpu_exact: int | None = None
-        self.cpu_ns: dict[int, int] = {}
-        self._cpu_start: dict[int, int] = {}
         """Ident of the thread whose CPU ticks are exact (the main thread's own SIGPROF)."""
+        self.cpu_ns: dict[int, int] = {}
+        """``ident -> CPU ns`` each thread burnt during the capture."""
+        self._cpu_start: dict[int, int] = {}
         self.loop_ident = _get_ident()  # made on the loop's thread
         self.start_ns = _now()
         self.wall_start = time.time()
