@@ -4,8 +4,11 @@ Prints (1) throughput, p99 and server CPU per request of the reference app with 
 off vs on with 1 frame and with the default frames (A/B alternated rounds, medians with
 spread, ratios against the baseline of the same run) and each server's RSS; (2) the time to
 serve ``heap`` (proto and text) for 10k, 100k and 1M live traced blocks, how long taking the
-snapshot held the GIL, and the largest event-loop lag each request caused; (3) the cost of
-``allocs``: the GC-trigger sampler's overhead per collection and the time to serve it.
+snapshot held the GIL, and the largest event-loop lag each request caused; (3) on a FastAPI
+app of realistic size (tests/realapp.py) traced from interpreter start at 1 and 16
+frames, the first and later ``heap``'s wall and CPU time and asgi_pprof's own share of
+the traced bytes (left out of the profile); (4) the cost of ``allocs``: the GC-trigger
+sampler's overhead per collection and the time to serve it.
 """
 
 from __future__ import annotations
@@ -232,12 +235,62 @@ async def allocs_serve() -> None:
         del kept
 
 
+# --- the realistic app under PYTHONTRACEMALLOC ---------------------------------------------------
+
+
+def realapp(frames: int, runs: int = 2, requests: int = 4) -> None:
+    """Print heap serve time (wall, process CPU) and our own share, tests/realapp.py traced."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONTRACEMALLOC": str(frames), "PYTHONPATH": str(root)}
+    results = []
+    for _ in range(runs):  # fresh processes: the first request is the cold one
+        out = subprocess.run(
+            [sys.executable, "-m", "tests.realapp_heap", str(requests)],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=True,
+        ).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    first = [r["took"][0] for r in results]
+    first_cpu = [r["cpu"][0] for r in results]
+    later = [t for r in results for t in r["took"][1:]]
+    later_cpu = [t for r in results for t in r["cpu"][1:]]
+    text = [r["text_took"] for r in results]
+    r0 = results[-1]
+    share = r0["own_truth"] / max(1, r0["traced_total"])
+    print(
+        f"== realistic FastAPI app (tests/realapp.py), PYTHONTRACEMALLOC={frames}, "
+        f"{runs} processes x {requests} heap requests"
+    )
+    print(
+        f"  {r0['stacks']:,} stacks, {r0['profile_bytes'] / 1e6:.1f} MB in the profile, "
+        f"RSS {r0['rss_mb']:.0f} MB"
+    )
+    print(f"  first heap: wall {med(first)} s, CPU {med(first_cpu)} s (targets: < 5 s)")
+    print(f"  later heap: wall {med(later)} s, CPU {med(later_cpu)} s (target: < 2 s)")
+    print(f"  heap?debug=1 after those: wall {med(text)} s")
+    print(
+        f"  asgi_pprof's own traced bytes: {share:.1%} of all traced "
+        f"({r0['own_truth'] / 1e6:.1f} MB), in the profile: {r0['ours_in_profile']} bytes"
+    )
+
+
 def main() -> None:
     only = sys.argv[1:]
     if not only or "throughput" in only:
         throughput()
     if not only or "heaps" in only:
         asyncio.run(big_heaps())
+    if not only or "realapp" in only:
+        for frames in (1, FRAMES):
+            realapp(frames)
     if not only or "allocs" in only:
         allocs_cost()
         callback_cost()
