@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+import asgi_pprof
 from asgi_pprof import builder, gcsampler, heap, heap_names, heap_text, model, text
 from asgi_pprof.model import ProfileData
 from tests.conftest import MOUNT, ServerThread, mounted
@@ -217,6 +218,9 @@ async def test_heap_off_is_a_clear_403(client: httpx.AsyncClient) -> None:
         assert "tracemalloc is not tracing" in r.text
         for how in ("PYTHONTRACEMALLOC=", "tracemalloc_frames=", "start_tracing(", "seconds=N"):
             assert how in r.text
+        # The function it names is the package's export (the README names the same one).
+        assert "asgi_pprof.start_tracing(16)" in r.text
+        assert asgi_pprof.start_tracing is heap.start_tracing
     assert not tracemalloc.is_tracing()
 
 
