@@ -23,7 +23,6 @@ import asyncio
 import contextvars
 import functools
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -82,8 +81,10 @@ _by_thread: dict[int, _LabelSet] = {}
 """Thread ident -> labels in effect there, for threads without a running event loop."""
 
 _TASK_CONTEXT = hasattr(asyncio.Task, "get_context")  # 3.12+
-_by_task: weakref.WeakKeyDictionary[Any, _LabelSet] = weakref.WeakKeyDictionary()
-"""3.11 only, where a task's context cannot be read: task -> labels set in it."""
+_by_task: dict[Any, _LabelSet] = {}
+"""3.11 only, where a task's context cannot be read: task -> labels set in it. A plain
+dict (no weak references to make per request): every entry is removed when its block
+ends, which a task that is dropped mid-block still does (its coroutine is closed)."""
 
 
 def _enter_task(level: _LabelSet) -> tuple[Any, _LabelSet | None]:
