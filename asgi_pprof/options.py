@@ -84,8 +84,9 @@ class Options:
     leaves the process's setting (``ASGI_PPROF_MUTEX_PROFILE_FRACTION``) alone."""
 
     loopstall_threshold: float | None = None
-    """Seconds a loop may stay away from its selector before it counts as stalled (0 turns
-    the watchdog off); None leaves the process's setting (20 ms by default) alone."""
+    """Switch the loopstall watchdog on with this threshold in seconds (a loop away from its
+    selector longer is stalled; 20 ms is a good start), or off with 0; None leaves the
+    process's setting (off unless ``ASGI_PPROF_LOOPSTALL_THRESHOLD``) alone."""
 
     memory_profile_rate: int | None = None
     """Sample about one allocation per this many bytes for heap/allocs (Go's

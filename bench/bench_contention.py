@@ -14,13 +14,14 @@ Standalone: ``python bench/bench_contention.py`` (``make bench`` runs it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,11 +57,20 @@ async def locked_items(request: Request) -> JSONResponse:
 def _make_app() -> Starlette:
     block.configure_from_env()
     loopstall.configure_from_env()
-    app = Starlette(routes=[Route("/items", locked_items), Mount("/debug/pprof", app=create_app())])
+    watch = os.environ.get("BENCH_WATCH_LOOP") == "1"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if watch:
+            loopstall.watch()  # from the start, as if a scraper had been asking
+        yield
+
+    app = Starlette(
+        routes=[Route("/items", locked_items), Mount("/debug/pprof", app=create_app())],
+        lifespan=lifespan,
+    )
     app.state.tlock = threading.Lock()
     app.state.alock = asyncio.Lock()
-    if os.environ.get("BENCH_WATCH_LOOP") == "1":
-        app.router.on_startup.append(loopstall.watch)
     return app
 
 
