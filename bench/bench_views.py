@@ -214,7 +214,7 @@ def bench_pages() -> None:
         data = builder.decode(body)
         print(f"  {name}: {len(data.samples)} samples, proto {len(body) / 1024:.0f} KiB")
         for fmt, render in (
-            ("html", lambda d: views.render_html(d, name)),
+            ("html", lambda d, title=name: views.render_html(d, title)),
             ("speedscope", views.render_speedscope),
             ("folded", views.render_folded),
         ):
