@@ -11,6 +11,8 @@ import sys
 
 import uvicorn
 
+from .app import create_app
+from .run import exposure_options
 from .server import half_close_protocol, make_root_app
 
 
@@ -29,10 +31,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=6060, help="port to bind (6060)")
+    parser.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="also answer these clients (repeatable; loopback only by default; a token: "
+        "$ASGI_PPROF_AUTH_TOKEN)",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(args_in)
+    try:
+        options = exposure_options(args.allow)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
     uvicorn.run(
-        make_root_app(),
+        make_root_app(create_app(**options)),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

@@ -22,9 +22,13 @@ from typing import Any
 __all__ = ["USAGE", "Target", "UsageError", "main", "parse", "resolve"]
 
 USAGE = (
-    "usage: python -m asgi_pprof run [--host H] [--port P] "
+    "usage: python -m asgi_pprof run [--host H] [--port P] [--allow CIDR]... "
     "<script.py | -m module | command> [args...]"
 )
+
+TOKEN_ENV = "ASGI_PPROF_AUTH_TOKEN"
+"""The environment variable holding ``auth_token`` for ``python -m asgi_pprof [run]`` (not the
+command line: ``/cmdline`` and ``ps`` would show it)."""
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Target:
     args: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 6060
+    allow: list[str] = field(default_factory=list)
 
 
 class UsageError(Exception):
@@ -49,11 +54,12 @@ def parse(argv: list[str]) -> Target:
     the program's (``--port`` there is the program's, not ours).
     """
     host, port = "127.0.0.1", 6060
+    allow: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         opt, eq, value = arg.partition("=")
-        if opt in ("--host", "--port"):
+        if opt in ("--host", "--port", "--allow"):
             if not eq:
                 if i + 1 >= len(argv):
                     raise UsageError(f"{opt} needs a value")
@@ -61,6 +67,8 @@ def parse(argv: list[str]) -> Target:
                 value = argv[i]
             if opt == "--host":
                 host = value
+            elif opt == "--allow":
+                allow.append(value)
             else:
                 if not value.isdigit() or not 0 <= int(value) <= 65535:
                     raise UsageError(f"--port must be a port number, not {value!r}")
@@ -70,7 +78,7 @@ def parse(argv: list[str]) -> Target:
         if arg == "-m":
             if i + 1 >= len(argv):
                 raise UsageError("-m needs a module name")
-            return Target("module", argv[i + 1], argv[i + 2 :], host, port)
+            return Target("module", argv[i + 1], argv[i + 2 :], host, port, allow)
         if arg == "--":
             i += 1
             break
@@ -81,7 +89,7 @@ def parse(argv: list[str]) -> Target:
         raise UsageError("no program to run")
     name, args = argv[i], argv[i + 1 :]
     kind = "script" if name.endswith(".py") or os.sep in name else "command"
-    return Target(kind, name, args, host, port)
+    return Target(kind, name, args, host, port, allow)
 
 
 def _console_script(name: str) -> Callable[[], Any] | None:
@@ -142,6 +150,23 @@ def resolve(target: Target) -> Callable[[], None]:
     return run_script
 
 
+def exposure_options(allow: list[str]) -> dict[str, Any]:
+    """Return the ``create_app`` options for ``--allow`` (added to loopback) and
+    ``$ASGI_PPROF_AUTH_TOKEN``; ``ValueError``/``TypeError`` when they are bad."""
+    from .options import Options
+
+    from .exposure import LOOPBACK
+
+    options: dict[str, Any] = {}
+    if allow:
+        options["allow"] = [*LOOPBACK, *allow]  # on the command line: beside loopback
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        options["auth_token"] = token
+    Options(**options)  # checked now: a bad --allow is a usage error
+    return options
+
+
 def main(argv: list[str]) -> None:
     """Start the background pprof server, then run the program ``argv`` names."""
     if argv[:1] in (["-h"], ["--help"]):
@@ -155,7 +180,12 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     from .server import start_server  # after parsing: a usage error costs no uvicorn import
 
-    srv = start_server(target.host, target.port)
+    try:
+        options = exposure_options(target.allow)
+    except (TypeError, ValueError) as e:
+        print(f"{USAGE}\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
+    srv = start_server(target.host, target.port, **options)
     if srv.running:
         print(f"asgi_pprof: serving {srv.url}", file=sys.stderr, flush=True)
     program()

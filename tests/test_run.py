@@ -289,3 +289,30 @@ def test_start_server_twice_on_one_port_in_one_process(caplog: pytest.LogCapture
         assert not again.running
         assert srv.running
         assert "this process already serves pprof there" in caplog.text
+
+
+def test_allow_and_token_on_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from asgi_pprof.run import exposure_options
+
+    assert parse(["--allow", "10.0.0.0/8", "--allow=::1", "x.py"]).allow == ["10.0.0.0/8", "::1"]
+    monkeypatch.delenv("ASGI_PPROF_AUTH_TOKEN", raising=False)
+    assert exposure_options([]) == {}
+    monkeypatch.setenv("ASGI_PPROF_AUTH_TOKEN", "token-from-env")
+    opts = exposure_options(["10.0.0.0/8"])
+    assert opts == {
+        "allow": ["127.0.0.0/8", "::1/128", "10.0.0.0/8"],
+        "auth_token": "token-from-env",
+    }
+    with pytest.raises(ValueError, match="not an IP address"):
+        exposure_options(["10.0.0.0/99"])
+
+
+@pytest.mark.parametrize("runner", [["run", "--allow", "nope"], ["--allow", "nope"]])
+def test_bad_allow_is_a_usage_error(runner: list[str], tmp_path: Path) -> None:
+    script = tmp_path / "never.py"
+    script.write_text("raise SystemExit('ran')\n")
+    args = [sys.executable, "-m", "asgi_pprof", *runner]
+    args += [str(script)] if runner[0] == "run" else ["--port", "0"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "not an IP address or CIDR network" in proc.stderr
