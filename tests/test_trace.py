@@ -995,3 +995,40 @@ async def test_cancelled_window_removes_everything_at_once(monkeypatch: pytest.M
     assert hooks() == before
     assert not own_threads()
     assert written == []
+
+
+def test_cpu_track_gives_a_c_loop_an_honest_leaf() -> None:
+    """A tick whose innermost Python frame runs the loop was in uvloop's C code: [uvloop]."""
+    from asgi_pprof.model import Frame
+    from asgi_pprof.trace_events import RawTrace, render
+
+    run = Frame("asyncio.runners.Runner.run", "runners.py", 86, 118)
+    main = Frame("myapp.main", "myapp.py", 1, 3)
+    work = Frame("myapp.handler", "myapp.py", 10, 12)
+    t0 = 1_000_000_000
+    ticks = [
+        (t0 + 10_000_000, 7, (run, main)),
+        (t0 + 20_000_000, 7, (work, run, main)),
+    ]
+    raw = RawTrace(
+        start_ns=t0,
+        end_ns=t0 + 30_000_000,
+        wall_start=0.0,
+        sample_hz=250,
+        max_events=1000,
+        records=[],
+        step_code=None,
+        threads={7: (7007, "MainThread")},
+        cpu_ticks=ticks,
+        cpu_period_ns=10_000_000,
+        cpu_ns={7: 20_000_000},
+    )
+    events = check_format(json.loads(render(raw)))
+    cpu = [e for e in events if e.get("cat") == "cpu"]
+    by_name = {e["name"]: e for e in cpu}
+    assert set(by_name) == {"[uvloop]", "asyncio.runners.Runner.run", "myapp.main", "myapp.handler"}
+    assert inside(by_name["[uvloop]"], by_name["asyncio.runners.Runner.run"])
+    # One period (the thread's 20 ms of CPU over two ticks) each, ending at the tick.
+    assert by_name["[uvloop]"]["dur"] == 10_000
+    assert by_name["myapp.handler"]["dur"] == 10_000
+    assert by_name["myapp.main"]["dur"] == 20_000  # shared by both ticks: one slice
