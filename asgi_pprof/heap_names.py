@@ -131,6 +131,10 @@ def _first_line(code: types.CodeType) -> int:
     return code.co_firstlineno
 
 
+# A tuple, not ``staticmethod | classmethod | ...``: that builds a new union per call.
+_METHOD_WRAPPERS = (staticmethod, classmethod, types.MethodType)
+
+
 def _codes_of(filename: str, module: str | None) -> list[types.CodeType]:
     """Return the live code objects of ``filename`` that its module's namespace reaches."""
     mod = sys.modules.get(module) if module else None
@@ -169,7 +173,7 @@ def _codes_of(filename: str, module: str | None) -> list[types.CodeType]:
             wrapped = obj.__dict__.get("__wrapped__")
             if wrapped is not None:
                 add(wrapped, depth + 1)
-        elif isinstance(obj, staticmethod | classmethod | types.MethodType):
+        elif isinstance(obj, _METHOD_WRAPPERS):
             add(obj.__func__, depth + 1)
         elif isinstance(obj, property):
             for f in (obj.fget, obj.fset, obj.fdel):
