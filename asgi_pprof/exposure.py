@@ -75,12 +75,17 @@ class Exposure:
 
     def __init__(self, options: Options) -> None:
         self.nets, self.calls = check_allow(options.allow)
+        self.who = (
+            "loopback clients only"
+            if tuple(options.allow) == LOOPBACK
+            else "the clients of create_app(allow=...) only"
+        )
         token = options.auth_token
         self.token = token.encode() if token is not None else None
 
     async def check(self, request: Request) -> None:
         """Return when ``request`` may read profiles; raise :class:`Refusal` otherwise."""
-        if self.token is not None and self._credentials_ok(request):
+        if self.token is not None and self._credentials_ok(request, self.token):
             return
         host = request.client.host if request.client else None
         if host is not None and self._address_allowed(host):
@@ -97,7 +102,7 @@ class Exposure:
                 return
         who = host if host is not None else "an unknown address"
         text = (
-            f"forbidden: the pprof endpoints answer loopback clients only, not {who}; "
+            f"forbidden: the pprof endpoints answer {self.who}, not {who}; "
             "allow others with create_app(allow=['10.0.0.0/8', ...]) (CIDR strings, or a "
             "callable of the request returning True)"
         )
@@ -118,8 +123,7 @@ class Exposure:
                 return True
         return any(ip in n for n in self.nets)
 
-    def _credentials_ok(self, request: Request) -> bool:
-        assert self.token is not None
+    def _credentials_ok(self, request: Request, token: bytes) -> bool:
         value = request.headers.get("authorization", "")
         scheme, _, rest = value.partition(" ")
         scheme = scheme.lower()
@@ -134,4 +138,4 @@ class Exposure:
             given = decoded.partition(b":")[2]  # any user name; the password is the token
         else:
             return False
-        return hmac.compare_digest(given, self.token)
+        return hmac.compare_digest(given, token)

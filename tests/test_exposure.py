@@ -97,7 +97,9 @@ async def test_allow_cidr_lets_it_through_and_replaces_the_default() -> None:
     async with client_for(app, ("192.168.1.7", 1)) as c:
         assert (await c.get("/debug/pprof/cmdline")).status_code == 200
     async with client_for(app, ("192.168.1.8", 1)) as c:
-        assert_go_error(await c.get("/debug/pprof/cmdline"), 403)
+        r = await c.get("/debug/pprof/cmdline")
+    assert_go_error(r, 403)
+    assert "answer the clients of create_app(allow=...) only, not 192.168.1.8" in r.text
     # The list replaces the loopback default (as Django's INTERNAL_IPS): say loopback too.
     async with client_for(app, ("127.0.0.1", 1)) as c:
         assert_go_error(await c.get("/debug/pprof/cmdline"), 403)
