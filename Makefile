@@ -17,7 +17,8 @@ venv: $(STAMP)
 run: $(STAMP)
 	@echo "pprof at http://127.0.0.1:8000/debug/pprof/ -- try, in another shell:"
 	@echo "  go tool pprof -top 'http://127.0.0.1:8000/debug/pprof/profile?seconds=5'"
-	$(PY) -m uvicorn examples.service:app --host 127.0.0.1 --port 8000
+	# asyncio, not uvloop: /trace shows loop steps only on asyncio's own loop.
+	$(PY) -m uvicorn examples.service:app --host 127.0.0.1 --port 8000 --loop asyncio
 
 lint: $(STAMP)
 	$(PY) -m ruff format --check asgi_pprof tests examples bench
