@@ -41,8 +41,11 @@ def ls_blocking_call() -> None:
 
 
 async def ls_stall_route(request: Request) -> PlainTextResponse:
+    t0 = time.perf_counter()
     ls_blocking_call()
-    return PlainTextResponse("stalled\n")
+    # The truth to compare with: how long the loop really was held (a loaded machine
+    # wakes a 300 ms sleep late).
+    return PlainTextResponse(f"{time.perf_counter() - t0}\n")
 
 
 def stall_app() -> Starlette:
@@ -60,23 +63,23 @@ def test_a_blocking_call_in_a_route_shows_about_its_time_on_it(loop: str, go_too
     with ServerThread(stall_app(), loop=loop) as srv, httpx.Client(base_url=srv.url) as c:
         assert c.get(f"{MOUNT}/loopstall").status_code == 200  # starts watching this loop
         time.sleep(0.1)
-        t0 = time.perf_counter()
-        assert c.get("/stall").status_code == 200
-        took = time.perf_counter() - t0
+        r = c.get("/stall")
+        assert r.status_code == 200
+        held = float(r.text)
         time.sleep(0.05)
         r = c.get(f"{MOUNT}/loopstall")
         assert r.headers["content-disposition"] == 'attachment; filename="loopstall"'
         data = decode(r.content)
         n, ns = delay_on(data, "ls_blocking_call")
-        # The stall is the 300 ms sleep; it is timed from the heartbeat that came due
-        # (at most threshold/2 = 10 ms after it began) to the loop's return, so
-        # 290-300 ms plus scheduling noise: 20 % either side.
-        assert 0.8 * STALL_S * 1e9 <= ns <= 1.2 * STALL_S * 1e9, ns / 1e6
-        assert ns <= took * 1e9 * 1.05
+        # The stall is the route's sleep (~300 ms); it is timed from the heartbeat that
+        # came due (at most threshold/2 = 10 ms after it began) to the loop's return:
+        # within 20 % of what the route itself measured.
+        assert 0.8 * held * 1e9 <= ns <= 1.2 * held * 1e9, (ns / 1e6, held)
         assert n == 1
-        (labels,) = {tuple(sorted(d.items())) for d in labels_on(data, "ls_blocking_call")}
-        assert dict(labels)["loop"] == "test-uvicorn"
-        assert dict(labels)["coroutine"]  # uvicorn's request cycle runs the route
+        found = labels_on(data, "ls_blocking_call")
+        assert found
+        assert all(d["loop"] == "test-uvicorn" for d in found)
+        assert all(d["coroutine"] for d in found)  # uvicorn's request cycle runs the route
         assert [tuple(v) for v in data.sample_types] == [
             ("stalls", "count"),
             ("delay", "nanoseconds"),
@@ -99,12 +102,12 @@ def test_a_blocking_call_in_a_route_shows_about_its_time_on_it(loop: str, go_too
             )
             t.start()
             time.sleep(0.3)
-            c.get("/stall")
+            held = float(c.get("/stall").text)
             t.join(10)
             delta = decode(got["r"].content)
             n, ns = delay_on(delta, "ls_blocking_call")
             assert n == 1
-            assert 0.8 * STALL_S * 1e9 <= ns <= 1.2 * STALL_S * 1e9
+            assert 0.8 * held * 1e9 <= ns <= 1.2 * held * 1e9
 
 
 async def ls_named_stall() -> None:
@@ -132,25 +135,57 @@ def ls_short_work() -> None:
         pass
 
 
+def _by_code(data: ProfileData) -> list[Any]:
+    """Return the samples not taken with the loop idle in its selector.
+
+    On this loaded 2-core machine the kernel has kept a loop thread whose timer was due
+    off the CPU for over 200 ms (the reading then shows it in select, gil=held): a real
+    stall of the loop, but not one any code caused.
+    """
+    return [s for s in data.samples if "select" not in s.stack[0].function]
+
+
+def _agrees_with(data: ProfileData, longest: float, threshold: float) -> None:
+    """No stall unless the loop really was away longer than ``threshold``, never longer
+    than it really was away (``longest``, measured by the loop's own code)."""
+    if longest < threshold:
+        assert _by_code(data) == [], longest
+    for s in _by_code(data):
+        assert s.values[1] <= longest * 1e9 * 1.05, (s.values[1] / 1e6, longest)
+
+
 async def test_no_stall_no_sample_and_the_threshold_is_respected() -> None:
-    # 200 ms threshold here: on a loaded 2-core machine the kernel alone can keep a
-    # runnable loop off the CPU for tens of ms, which is a real stall at 20 ms.
-    loopstall.set_loopstall_threshold(0.2)
+    threshold = 0.4
+    loopstall.set_loopstall_threshold(threshold)
     loopstall.watch()
     await asyncio.sleep(0.05)
     end = time.monotonic() + 0.6
+    longest = 0.0
+    back = time.perf_counter()
     while time.monotonic() < end:  # busy but never away from the selector for long
         ls_short_work()
         await asyncio.sleep(0)
-    assert loopstall.profile().samples == []
-    time.sleep(0.08)  # below the threshold: never recorded (the measure only undercounts)
-    await asyncio.sleep(0.15)
-    assert loopstall.profile().samples == []
-    time.sleep(0.45)  # above 1.5 x threshold: always caught
+        now = time.perf_counter()
+        longest, back = max(longest, now - back), now
+    _agrees_with(loopstall.profile(), longest, threshold)
+    loopstall._reset()
+    t0 = time.perf_counter()
+    time.sleep(0.15)  # below the threshold: never recorded (the measure only undercounts)
+    held = time.perf_counter() - t0
+    await asyncio.sleep(0.3)
+    _agrees_with(loopstall.profile(), held, threshold)
+    loopstall._reset()
+    t0 = time.perf_counter()
+    time.sleep(0.7)  # above 1.5 x threshold: always caught
+    held = time.perf_counter() - t0
     await asyncio.sleep(0.05)
-    (s,) = loopstall.profile().samples
-    assert s.values[0] == 1
-    assert 0.3e9 <= s.values[1] <= 0.45e9 * 1.2
+    # One stall; its readings may carry two label sets (gil=held when the loaded
+    # machine kept the watchdog waiting), so sum them.
+    mine = [s for s in loopstall.profile().samples if "test_no_stall" in str(s.stack)]
+    assert sum(s.values[0] for s in mine) == 1
+    delay = sum(s.values[1] for s in mine)
+    # Timed from the heartbeat that came due: up to threshold/2 short of the truth.
+    assert held - threshold / 2 - 0.02 <= delay / 1e9 <= held * 1.05, (delay / 1e6, held)
 
 
 def ls_c_call(n: int) -> int:
