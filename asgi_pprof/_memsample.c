@@ -588,34 +588,46 @@ __attribute__((noinline, cold)) static void untrack(void *p) {
 
 /* --- the hooks ------------------------------------------------------------------------ */
 
+/* The fast paths decide before calling the allocator below, so they end in a tail
+ * call with no stack frame of their own; the rare rest is in cold functions. */
+
+__attribute__((noinline, cold)) static void *malloc_sampled(ms_domain *d, size_t size) {
+    void *p = d->under.malloc(d->under.ctx, size);
+    if (p != NULL) {
+        sampled(d, p, size);
+    }
+    return p;
+}
+
 static void *ms_malloc(void *ctx, size_t size) {
     ms_domain *d = (ms_domain *)ctx;
-    void *p = d->under.malloc(d->under.ctx, size);
-    if (size >= until_sample) {
-        if (p != NULL) {
-            sampled(d, p, size);
-        }
-    } else {
-        until_sample -= size;
+    if (__builtin_expect(size >= until_sample, 0)) {
+        return malloc_sampled(d, size);
+    }
+    until_sample -= size;
+    return d->under.malloc(d->under.ctx, size);
+}
+
+__attribute__((noinline, cold)) static void *calloc_sampled(ms_domain *d, size_t nelem,
+                                                            size_t elsize, size_t size) {
+    void *p = d->under.calloc(d->under.ctx, nelem, elsize);
+    if (p != NULL) {
+        sampled(d, p, size);
     }
     return p;
 }
 
 static void *ms_calloc(void *ctx, size_t nelem, size_t elsize) {
     ms_domain *d = (ms_domain *)ctx;
-    void *p = d->under.calloc(d->under.ctx, nelem, elsize);
     size_t size;
     if (__builtin_mul_overflow(nelem, elsize, &size)) {
-        return p;
+        return d->under.calloc(d->under.ctx, nelem, elsize); /* fails below */
     }
-    if (size >= until_sample) {
-        if (p != NULL) {
-            sampled(d, p, size);
-        }
-    } else {
-        until_sample -= size;
+    if (__builtin_expect(size >= until_sample, 0)) {
+        return calloc_sampled(d, nelem, elsize, size);
     }
-    return p;
+    until_sample -= size;
+    return d->under.calloc(d->under.ctx, nelem, elsize);
 }
 
 static void *ms_realloc(void *ctx, void *ptr, size_t size) {
@@ -636,10 +648,16 @@ static void *ms_realloc(void *ctx, void *ptr, size_t size) {
     return p;
 }
 
+__attribute__((noinline, cold)) static void free_tracked(ms_domain *d, void *ptr) {
+    untrack(ptr);
+    d->under.free(d->under.ctx, ptr);
+}
+
 static void ms_free(void *ctx, void *ptr) {
     ms_domain *d = (ms_domain *)ctx;
-    if (live_count && ptr != NULL && filter_test(ptr)) {
-        untrack(ptr);
+    if (__builtin_expect(live_count && ptr != NULL && filter_test(ptr), 0)) {
+        free_tracked(d, ptr);
+        return;
     }
     d->under.free(d->under.ctx, ptr);
 }
@@ -976,10 +994,11 @@ static int ms_exec(PyObject *module) {
     if (name_str == NULL) {
         return -1;
     }
-    if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0 || Py_AtExit(at_exit) != 0) {
-        PyErr_SetString(PyExc_ImportError, "asgi_pprof._memsample: cannot register fork/exit handlers");
+    if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) {
+        PyErr_SetString(PyExc_ImportError, "asgi_pprof._memsample: cannot register fork handlers");
         return -1;
     }
+    (void)Py_AtExit(at_exit); /* if its 32 slots are taken, the finalizing check still stops us */
     rng_seed();
     stack_zero_init();
     main_interp = PyInterpreterState_Main();

@@ -284,7 +284,7 @@ async def _serve() -> None:
             buckets = memprofile.stats()["buckets"]
             for path in ("heap", "heap?debug=1"):
                 runs = []
-                for _ in range(3 if buckets < 50_000 else 1):
+                for _ in range(3 if buckets < 5_000 else 1):
                     with LagMonitor() as lag:
                         await asyncio.sleep(0.01)
                         t0 = time.perf_counter()
