@@ -21,6 +21,7 @@ one every 0.1 s); between two, each suspended task counts where it was last seen
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import operator
 import threading
@@ -202,7 +203,11 @@ class FgprofSampler:
         # globals, compared in C): its resolved stack is reused.
         resolved = self._resolved
         stacks: dict[int, Stack] = {}
-        for ident, raw in frames.current_stacks().items():
+        raws = frames.current_stacks()
+        # Read at once after the stacks (a copy in C): read after the task pass, which
+        # gives the GIL back, a worker could have finished its request by then.
+        thread_labels = labels.all_thread_labels()
+        for ident, raw in raws.items():
             if ident == me or is_own_thread(names.get(ident, "")):
                 continue
             known = resolved.get(ident)
@@ -226,13 +231,15 @@ class FgprofSampler:
             # TASK_BUDGET of a core, but at least every MAX_TASK_INTERVAL.
             spacing = min(MAX_TASK_INTERVAL, (time.thread_time() - c0) / TASK_BUDGET)
             self._next_tasks = start + spacing - self.interval / 2
+        else:
+            busy = self._sample_running(stacks, ids)
         last = self._last_thread
         seen: dict[int, tuple[Stack, Labels, str, int]] = {}
         for ident, stack in stacks.items():
             if ident in busy:
                 continue  # its running task was sampled as the task
             name = names.get(ident, f"thread {ident}")
-            own = labels.thread_labels(ident)
+            own = thread_labels.get(ident, ())
             prev = last.get(ident)
             # Same Frames (cached per code and line) compare by identity: a thread that
             # did not move costs no hashing of its stack.
@@ -246,6 +253,37 @@ class FgprofSampler:
             ids.append(i)
         self._last_thread = seen
         return ids, idle
+
+    def _sample_running(self, stacks: dict[int, Stack], running: list[int]) -> set[int]:
+        """Between two readings of every task: append key ids of the task each loop runs
+        now (so a loop thread's time stays the running task's, with its labels); return
+        their threads."""
+        busy: set[int] = set()
+        threads: _Threads | None = None
+        for loop in tasks.known_loops():
+            try:
+                task = asyncio.current_task(loop)  # a dict lookup, safe from any thread
+            except Exception:
+                continue
+            coro: Any = task.get_coro() if task is not None else None
+            code = getattr(coro, "cr_code", None)
+            if code is None or not getattr(coro, "cr_running", False):
+                continue
+            if threads is None:
+                threads = _Threads(stacks)
+            ident = getattr(loop, "_thread_id", None)
+            got = threads.running(code, ident if isinstance(ident, int) else None)
+            if got is None:
+                continue
+            labs = _merge(
+                labels.task_labels(task),
+                ("kind", "task"),
+                ("state", "running"),
+                ("thread", tasks.loop_thread(loop)),
+            )
+            running.append(self._intern((got[0], labs)))
+            busy.add(got[1])
+        return busy
 
     def _sample_tasks(
         self, stacks: dict[int, Stack], running: list[int], idle: list[int]

@@ -31,6 +31,7 @@ from .model import Labels
 
 __all__ = [
     "LabelMiddleware",
+    "all_thread_labels",
     "context_labels",
     "current_labels",
     "labels",
@@ -181,6 +182,12 @@ def thread_labels(ident: int) -> Labels:
     """
     level = _by_thread.get(ident)
     return () if level is None else level.resolve()
+
+
+def all_thread_labels() -> dict[int, Labels]:
+    """Return {thread ident: labels} of every thread that has some now (one C copy first:
+    call it right after reading the threads' stacks)."""
+    return {ident: level.resolve() for ident, level in _by_thread.copy().items()}
 
 
 # --- the request's labels ----------------------------------------------------------------
