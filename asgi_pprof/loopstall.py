@@ -43,10 +43,10 @@ import time
 
 from . import tasks
 from .concurrency import THREAD_PREFIX, run_in_thread
+from .frames import current_stacks, resolve
 from .model import Frame, Labels, ProfileData, Sample, Stack, ValueType, labels_of
 from .options import Options
 from .profiles import NamedProfile
-from .sampler import sample_stack
 from .text import frame_lines, go_quote, stack_header, tabwrite
 
 __all__ = [
@@ -374,10 +374,9 @@ def _sample(w: _Loop, now: int) -> None:
         expected = stall.last + _sample_every()
     stack: Stack = ()
     if w.ident is not None:
-        frames = sys._current_frames()
-        f = frames.get(w.ident)
-        stack = sample_stack(f) if f is not None else ()
-        del frames, f  # never keep another thread's frames
+        # One C call (frames.current_stacks): the loop's thread cannot move mid-read.
+        raw = current_stacks((w.ident,)).get(w.ident)
+        stack = resolve(raw) if raw else ()
     labels = _labels(w)
     if now - expected > _late_ns():
         labels = labels_of([*labels, ("gil", "held")])
