@@ -23,13 +23,18 @@ threads), ``threadcreate``, ``heap`` and ``allocs`` (tracemalloc), with ``debug=
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
     from .app import create_app
+    from .block import set_block_profile_rate, set_mutex_profile_fraction
     from .heap import start_tracing, stop_tracing
+    from .loopstall import set_loopstall_threshold
+    from .loopstall import watch as watch_event_loop
+    from .memprofile import set_memory_profile_rate
     from .server import PprofServer, start_server
     from .tasks import track_task_creation
 
@@ -40,12 +45,17 @@ __version__ = "0.1.0"
 # Everything is loaded on first use (PEP 562): `import asgi_pprof` costs a few
 # milliseconds and installs nothing (no hook, no thread, no app) until a name is used.
 _LAZY = {
-    "PprofServer": "server",
-    "create_app": "app",
-    "start_server": "server",
-    "start_tracing": "heap",
-    "stop_tracing": "heap",
-    "track_task_creation": "tasks",
+    "PprofServer": ("server", "PprofServer"),
+    "create_app": ("app", "create_app"),
+    "set_block_profile_rate": ("block", "set_block_profile_rate"),
+    "set_loopstall_threshold": ("loopstall", "set_loopstall_threshold"),
+    "set_memory_profile_rate": ("memprofile", "set_memory_profile_rate"),
+    "set_mutex_profile_fraction": ("block", "set_mutex_profile_fraction"),
+    "start_server": ("server", "start_server"),
+    "start_tracing": ("heap", "start_tracing"),
+    "stop_tracing": ("heap", "stop_tracing"),
+    "track_task_creation": ("tasks", "track_task_creation"),
+    "watch_event_loop": ("loopstall", "watch"),
 }
 
 
@@ -56,10 +66,10 @@ def __getattr__(name: str) -> Any:
         app = create_app()
         globals()["pprof_app"] = app  # made once: every later access gets the same app
         return app
-    module = _LAZY.get(name)
-    if module is None:
+    where = _LAZY.get(name)
+    if where is None:
         raise AttributeError(f"module 'asgi_pprof' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(f".{where[0]}", __name__), where[1])
     globals()[name] = value
     return value
 
@@ -68,13 +78,38 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
+def _configure_from_env() -> None:
+    """Switch on what the environment asks for, so an unmodified program can (Go's runtime
+    settings, as variables): nothing is imported or installed when none is set."""
+    env = os.environ
+    if env.get("ASGI_PPROF_BLOCK_PROFILE_RATE") or env.get("ASGI_PPROF_MUTEX_PROFILE_FRACTION"):
+        from . import block
+
+        block.configure_from_env()
+    if env.get("ASGI_PPROF_LOOPSTALL_THRESHOLD"):
+        from . import loopstall
+
+        loopstall.configure_from_env()
+    if env.get("ASGI_PPROF_MEMORY_PROFILE_RATE"):
+        from . import memprofile  # reads its variable when loaded
+
+        del memprofile
+
+
+_configure_from_env()
+
 __all__ = [
     "PprofServer",
     "__version__",
     "create_app",
     "pprof_app",
+    "set_block_profile_rate",
+    "set_loopstall_threshold",
+    "set_memory_profile_rate",
+    "set_mutex_profile_fraction",
     "start_server",
     "start_tracing",
     "stop_tracing",
     "track_task_creation",
+    "watch_event_loop",
 ]

@@ -16,10 +16,15 @@ def test_public_surface_does_not_change_by_accident() -> None:
         "__version__",
         "create_app",
         "pprof_app",
+        "set_block_profile_rate",
+        "set_loopstall_threshold",
+        "set_memory_profile_rate",
+        "set_mutex_profile_fraction",
         "start_server",
         "start_tracing",
         "stop_tracing",
         "track_task_creation",
+        "watch_event_loop",
     ]
     assert isinstance(asgi_pprof.pprof_app, Starlette)
 
@@ -53,3 +58,30 @@ def test_valid_options_are_kept() -> None:
     app = create_app(sample_hz=250, max_seconds=30, switch_interval=None)
     opts = app.state.pprof_options
     assert (opts.sample_hz, opts.max_seconds, opts.switch_interval) == (250, 30, None)
+
+
+def test_every_public_name_resolves() -> None:
+    for name in asgi_pprof.__all__:
+        assert getattr(asgi_pprof, name) is not None, name
+
+
+def test_import_loads_and_installs_nothing() -> None:
+    # Issue 8, item 11: `import asgi_pprof` took ~180 ms and installed process-wide hooks.
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, sys, threading, time\n"
+        "start, cbs = threading.Thread.start, list(gc.callbacks)\n"
+        "t = time.perf_counter()\n"
+        "import asgi_pprof\n"
+        "took = time.perf_counter() - t\n"
+        "ours = ('starlette', 'uvicorn', 'asgi_pprof.')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(ours))\n"
+        "assert threading.Thread.start is start and gc.callbacks == cbs, 'a hook at import'\n"
+        "assert not loaded, loaded\n"
+        "print(took)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 0.05  # measured ~5 ms; 180 ms before
