@@ -31,7 +31,11 @@ from dataclasses import dataclass, field
 from itertools import compress, repeat
 from typing import TYPE_CHECKING, Any
 
-from . import chains, frames, labels, tasks, waits
+from . import chains, frames, tasks, waits
+
+# By name from the module: the package exports the function labels(), which shadows the
+# module as an attribute of the package.
+from .labels import all_thread_labels, task_labels
 from .concurrency import Window, is_own_thread, run_in_thread
 from .model import Labels, ProfileData, Sample, Stack, ValueType
 
@@ -206,7 +210,7 @@ class FgprofSampler:
         raws = frames.current_stacks()
         # Read at once after the stacks (a copy in C): read after the task pass, which
         # gives the GIL back, a worker could have finished its request by then.
-        thread_labels = labels.all_thread_labels()
+        thread_labels = all_thread_labels()
         for ident, raw in raws.items():
             if ident == me or is_own_thread(names.get(ident, "")):
                 continue
@@ -276,7 +280,7 @@ class FgprofSampler:
             if got is None:
                 continue
             labs = _merge(
-                labels.task_labels(task),
+                task_labels(task),
                 ("kind", "task"),
                 ("state", "running"),
                 ("thread", tasks.loop_thread(loop)),
@@ -354,7 +358,7 @@ class FgprofSampler:
                 state = "waiting"
             else:
                 state = "runnable" if got.wait.wait == "runnable" else "waiting"
-            own = labels.task_labels(task)
+            own = task_labels(task)
             key = (got.stack, _merge(own, ("kind", "task"), ("state", state), ("thread", info[2])))
             i = self._intern(key)
             (running if state == "running" else idle).append(i)
