@@ -32,11 +32,11 @@ from itertools import compress, repeat
 from typing import TYPE_CHECKING, Any
 
 from . import chains, frames, tasks, waits
+from .concurrency import Window, is_own_thread, run_in_thread
 
 # By name from the module: the package exports the function labels(), which shadows the
 # module as an attribute of the package.
 from .labels import all_thread_labels, task_labels
-from .concurrency import Window, is_own_thread, run_in_thread
 from .model import Labels, ProfileData, Sample, Stack, ValueType
 
 if TYPE_CHECKING:
