@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .concurrency import Window, is_own_thread, run_in_thread
-from .model import Frame, ProfileData, Sample, Stack, ValueType
+from .model import Frame, Labels, ProfileData, Sample, Stack, ValueType, labels_of
 from .sampler import Capture, get_sampler
 
 if TYPE_CHECKING:
@@ -49,16 +49,16 @@ def to_profile(cap: Capture) -> ProfileData:
     # per-sample clock deltas would (those vary with how much CPU went unsampled).
     ticks: dict[str, int] = {}
     cpu: dict[str, int] = {}
-    for (_, thread), (n, ns) in totals.items():
+    for (_, thread, _), (n, ns) in totals.items():
         ticks[thread] = ticks.get(thread, 0) + n
         cpu[thread] = cpu.get(thread, 0) + ns
     samples = [
         Sample(
             stack=_honest_leaf(stack),
             values=[n, n * cpu[thread] // ticks[thread]],
-            labels=_labels(thread),
+            labels=_labels(thread, code_labels),
         )
-        for (stack, thread), (n, _) in totals.items()
+        for (stack, thread, code_labels), (n, _) in totals.items()
     ]
     return ProfileData(
         sample_types=[ValueType("samples", "count"), ValueType("cpu", "nanoseconds")],
@@ -70,10 +70,12 @@ def to_profile(cap: Capture) -> ProfileData:
     )
 
 
-def _labels(thread: str) -> tuple[tuple[str, str], ...]:
+def _labels(thread: str, code_labels: Labels) -> Labels:
+    """Return the thread's label, ours if it is one of our threads, and the code's labels."""
+    pairs = [("thread", thread), *code_labels]
     if is_own_thread(thread):
-        return (OWN_LABEL, ("thread", thread))
-    return (("thread", thread),)
+        pairs.append(OWN_LABEL)
+    return labels_of(pairs)
 
 
 async def profile(seconds: float, window: Window, options: Options) -> ProfileData | None:

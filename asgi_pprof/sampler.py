@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 
 from .concurrency import THREAD_PREFIX
 from .frames import RawStack, current_stacks, resolve, stack_now
-from .model import Stack
+from .labels import all_thread_labels, current_labels
+from .model import Labels, Stack
 
 __all__ = ["Capture", "Sampler", "TimelineTick", "get_sampler", "sample_stack"]
 
@@ -69,7 +70,8 @@ def _thread_cpu_ns(tid: int) -> int | None:
         return None
 
 
-Key = tuple[Stack, str]
+Key = tuple[Stack, str, Labels]
+"""(stack, thread name, the code's own labels: ``asgi_pprof.labels``)."""
 
 TimelineTick = tuple[int, int, Stack]
 """(``time.perf_counter_ns()``, thread ident, stack) of one CPU tick."""
@@ -392,7 +394,8 @@ class Sampler:
         if frame is None or not captures:
             return
         stack = stack_now(frame)
-        key = (stack, self._main_name)
+        # The handler runs in the interrupted code's context: the running task's labels.
+        key = (stack, self._main_name, current_labels())
         cpu_now = time.thread_time_ns()
         self._last_tick[self._main_ident or 0] = time.monotonic()
         for cap in captures:
@@ -468,13 +471,18 @@ class Sampler:
                 self._wake.wait()
             return not self._closed
 
-    def _deliver(self, ident_ticks: dict[int, int], stacks: dict[int, RawStack]) -> None:
+    def _deliver(
+        self,
+        ident_ticks: dict[int, int],
+        stacks: dict[int, RawStack],
+        labels: dict[int, Labels],
+    ) -> None:
         threads = {t.ident: t for t in threading.enumerate()}
         now = time.perf_counter_ns()
         mono = time.monotonic()
         for ident in ident_ticks:
             self._last_tick[ident] = mono
-        batch: list[tuple[int | None, int, Stack, str, int, int | None]] = []
+        batch: list[tuple[int | None, int, Key, int, int | None]] = []
         for ident, ticks in ident_ticks.items():
             thread = threads.get(ident)
             raw = stacks.get(ident)
@@ -482,14 +490,15 @@ class Sampler:
                 continue
             tid = thread.native_id
             cpu_now = _thread_cpu_ns(tid) if tid is not None else None
-            batch.append((tid, ident, resolve(raw), thread.name, ticks, cpu_now))
+            key = (resolve(raw), thread.name, labels.get(ident, ()))
+            batch.append((tid, ident, key, ticks, cpu_now))
         with self._lock:
             for cap in self._captures:
-                for tid, ident, stack, name, ticks, cpu_now in batch:
+                for tid, ident, key, ticks, cpu_now in batch:
                     ns = cap.weigh(tid, cpu_now, ticks)
-                    Capture.add_to(cap.counts, (stack, name), ticks, ns)
+                    Capture.add_to(cap.counts, key, ticks, ns)
                     if cap.timeline is not None:
-                        cap.timeline.append((now, ident, stack))
+                        cap.timeline.append((now, ident, key[0]))
 
     def _targets(self) -> dict[int, int]:
         """Return {ident: kernel tid} of the threads to profile (ours too: labelled later)."""
@@ -579,9 +588,10 @@ class Sampler:
                 # the GIL (os.read does): the ticking thread must not run on past its tick,
                 # and no thread may run while its frames are read (see frames.py).
                 stacks = current_stacks()
+                labels = all_thread_labels()  # at once: a worker may end its request next
                 ticks = self._read_ticks(fd, keys)
                 if ticks:
-                    self._deliver(ticks, stacks)
+                    self._deliver(ticks, stacks, labels)
                 del stacks
         finally:
             for _, timer in timers.values():
@@ -675,7 +685,7 @@ class Sampler:
                         ticks[ident] = max(1, round((cpu - prev) / self.period_ns))
                 if ticks:
                     self.ticks += sum(ticks.values())
-                    self._deliver(ticks, current_stacks(list(ticks)))
+                    self._deliver(ticks, current_stacks(list(ticks)), all_thread_labels())
 
 
 # --- process lifecycle: exit and fork -------------------------------------------------------

@@ -150,14 +150,14 @@ def test_a_fork_during_a_capture_leaves_the_child_clean() -> None:
 class _Service:
     """tests/stressapp.py under uvicorn in its own process (its loop on the main thread)."""
 
-    def __init__(self, loop: str) -> None:
+    def __init__(self, loop: str, app: str = "tests.stressapp:app") -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "tests.stressapp:app",
+                app,
                 "--port",
                 str(self.port),
                 "--loop",
@@ -188,6 +188,18 @@ class _Service:
             resp = conn.getresponse()
             resp.read()
             return resp.status
+        finally:
+            conn.close()
+
+    def get_body(self, path: str, timeout: float = 60) -> bytes:
+        """Return the body of a 200 response to ``path``."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200, (resp.status, body[:200])
+            return body
         finally:
             conn.close()
 
