@@ -27,20 +27,26 @@ _GOROUTINE = ValueType("goroutine", "count")
 _NO_FRAME = (Frame("[no Python frame]", "<unknown>", 0, 0),)
 
 
-def _label_key(rec: StackRecord) -> tuple[str, str, str, str]:
-    return (rec.kind, rec.state, rec.wait, rec.loop if rec.kind == "task" else rec.name)
+_LabelKey = tuple[str, str, str, str, Labels]
 
 
-def _labels(key: tuple[str, str, str, str]) -> Labels:
+def _label_key(rec: StackRecord) -> _LabelKey:
+    where = rec.loop if rec.kind == "task" else rec.name
+    return (rec.kind, rec.state, rec.wait, where, rec.labels)
+
+
+def _labels(key: _LabelKey) -> Labels:
     # Low-cardinality values only, so -tagfocus splits and debug=1 still groups:
-    # task names and ids are often unique and live in the debug=2 dump.
-    kind, state, wait, where = key
+    # task names and ids are often unique and live in the debug=2 dump. The code's own
+    # labels (asgi_pprof.labels, LabelMiddleware's http.route) come after ours.
+    kind, state, wait, where, code_labels = key
     return labels_of(
         [
             ("kind", kind),
             ("state", state),
             ("wait", wait),
             ("loop" if kind == "task" else "thread", where),
+            *code_labels,
         ]
     )
 
@@ -49,7 +55,7 @@ def to_profile(records: Iterable[StackRecord]) -> ProfileData:
     """Return the goroutine profile of ``records``: one sample per stack and label set."""
     # Counted straight into one entry per distinct (stack, labels): one object per
     # task would mean tens of thousands the garbage collector must track and walk.
-    labels: dict[tuple[str, str, str, str], Labels] = {}
+    labels: dict[_LabelKey, Labels] = {}
     counts: dict[tuple[Stack, Labels], int] = {}
     for r in records:
         lk = _label_key(r)

@@ -30,7 +30,8 @@ from typing import Any
 
 from . import chains, creation, waits
 from .creation import Creation, track_task_creation
-from .model import Frame, Stack
+from .labels import task_labels, thread_labels
+from .model import Frame, Labels, Stack
 from .sampler import sample_stack
 
 __all__ = [
@@ -84,6 +85,8 @@ class StackRecord:
     created: Creation | None = None
     tracked: bool = False
     """True when creation tracking was on for this task's loop."""
+    labels: Labels = ()
+    """The code's own labels (``asgi_pprof.labels``, ``LabelMiddleware``)."""
 
 
 # --- which loops run where ------------------------------------------------------------
@@ -273,6 +276,7 @@ def _thread_records(threads: chains.ThreadStacks) -> list[StackRecord]:
                 wait=wait or "none",
                 detail=f"{wait} (inferred from the innermost frame)" if wait else "",
                 loop=name,
+                labels=thread_labels(ident),
             )
         )
     return out
@@ -307,9 +311,9 @@ class _Pacer:
 
 _UNREAD: Stack = (Frame("[stack changed while being read]", "<unknown>", 0, 0),)
 
-_Row = tuple[int, str, str, str, str, float | None, int, int, int, int, str, float]
+_Row = tuple[int, str, str, str, str, float | None, int, int, int, int, str, float, Labels]
 """One task, all plain values: ident, name, state, wait, detail, waiting, loop index,
-stack index, creation frame index (-1: none), creating task id, its name, age.
+stack index, creation frame index (-1: none), creating task id, its name, age, labels.
 
 Plain values because a tuple of them is one the garbage collector stops tracking at
 its first young collection: 10 000 of them are never walked again, nor promoted, so
@@ -362,7 +366,7 @@ class Snapshot:
 
     def record(self, row: _Row) -> StackRecord:
         """Return the :class:`StackRecord` of one row."""
-        ident, name, state, wait, detail, waiting, li, si, ci, cpid, cname, age = row
+        ident, name, state, wait, detail, waiting, li, si, ci, cpid, cname, age, labs = row
         created = Creation(self.sites[ci], cpid, cname, age) if ci >= 0 else None
         return StackRecord(
             kind="task",
@@ -377,6 +381,7 @@ class Snapshot:
             awaited_by=self.awaited_by(ident),
             created=created,
             tracked=self.tracked[li],
+            labels=labs,
         )
 
     def __iter__(self) -> Iterator[StackRecord]:
@@ -476,6 +481,7 @@ def snapshot(track_creation: bool = False) -> Snapshot:
             cpid,
             cname,
             age,
+            task_labels(task),
         )
         (running if state == "running" else others).append(row)
         _note_edges(task, got, snap)

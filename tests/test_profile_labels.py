@@ -1,16 +1,19 @@
-"""CPU samples carry the labels of the code that ran (issue 11): ``-tagfocus`` splits routes."""
+"""CPU and goroutine samples carry the labels of the code (issue 11): ``-tagfocus`` splits them."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from asgi_pprof import builder
+from asgi_pprof.labels import labels
 
 from .test_sampler_safety import _Service
 
@@ -55,3 +58,38 @@ def test_tagfocus_on_http_route_splits_async_and_sync_routes(
     assert "burn_for_reports" not in items
     assert "burn_for_reports" in reports
     assert "burn_for_items" not in reports
+
+
+async def labelled_sleeper(ready: asyncio.Event) -> None:
+    ready.set()
+    await asyncio.sleep(30)
+
+
+def labelled_parked_thread(ready: threading.Event, stop: threading.Event) -> None:
+    with labels(job="reindex"):
+        ready.set()
+        stop.wait()
+
+
+@pytest.mark.anyio
+async def test_goroutine_samples_carry_task_and_thread_labels(client: httpx.AsyncClient) -> None:
+    ready, t_ready, stop = asyncio.Event(), threading.Event(), threading.Event()
+    with labels(job="nightly", tenant="acme"):
+        task = asyncio.create_task(labelled_sleeper(ready))
+    t = threading.Thread(target=labelled_parked_thread, args=(t_ready, stop), name="parked")
+    t.start()
+    try:
+        await ready.wait()
+        t_ready.wait(5)
+        r = await client.get("/debug/pprof/goroutine")
+        data = builder.decode(r.content)
+    finally:
+        task.cancel()
+        stop.set()
+        t.join()
+    by_fn = {fr.function.rsplit(".", 1)[-1]: dict(s.labels) for s in data.samples for fr in s.stack}
+    assert by_fn["labelled_sleeper"]["job"] == "nightly"
+    assert by_fn["labelled_sleeper"]["tenant"] == "acme"
+    assert by_fn["labelled_parked_thread"]["job"] == "reindex"
+    unlabelled = [s for s in data.samples if "job" not in dict(s.labels)]
+    assert unlabelled, "labels leaked onto every goroutine"
