@@ -9,6 +9,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp
 
+from . import workers
 from .endpoints import Endpoints
 from .options import Options
 from .registry import builtin_profiles
@@ -73,13 +74,14 @@ def create_app(**options: Any) -> Starlette:
     routes = [
         _GoRoute("/", ep.route(ep.index, _READ)),
         _GoRoute("/cmdline", ep.route(ep.cmdline, _READ)),
-        _GoRoute("/profile", ep.route(ep.profile, _READ)),
+        _GoRoute("/profile", ep.route(ep.profile, _READ, fanout=True)),
         # POST too: go tool pprof's remote symbolization posts (current Go refuses it).
         _GoRoute("/symbol", ep.route(ep.symbol, _SYMBOL)),
         _GoRoute("/trace", ep.route(ep.trace, _READ)),
-        _GoRoute("/{name:path}", ep.route(ep.named, _READ)),
+        _GoRoute("/{name:path}", ep.route(ep.named, _READ, fanout=True)),
     ]
     app = Starlette(routes=routes)
+    workers.register(app)  # a worker of a multi-process server answers its siblings
     app.state.pprof_options = ep.options
     app.state.pprof_profiles = list(ep.profiles.values())
     return app

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import builder, cpu, limits, symbols
+from . import builder, cpu, limits, symbols, workers
 from .concurrency import RequestWindow, run_in_thread
 from .exposure import Exposure, Refusal
 from .params import atoi, first, parse_float, parse_int10
@@ -173,8 +173,14 @@ class _MethodGuard:
     """
 
     def __init__(
-        self, handler: Handler, methods: frozenset[str], body_limit: int, exposure: Exposure
+        self,
+        handler: Handler,
+        methods: frozenset[str],
+        body_limit: int,
+        exposure: Exposure,
+        fanout: bool = False,
     ) -> None:
+        self.fanout = fanout
         self.handler = handler
         self.methods = methods
         self.body_limit = body_limit
@@ -188,7 +194,8 @@ class _MethodGuard:
             return
         request = Request(scope, receive)
         try:
-            await self.exposure.check(request)
+            if not scope.get(workers.PEER_KEY):  # a sibling's (same user, 0700 socket)
+                await self.exposure.check(request)
         except Refusal as e:
             await serve_error(e.status, e.text, e.headers)(scope, receive, send)
             return
@@ -199,6 +206,9 @@ class _MethodGuard:
                 media_type=_TEXT,
                 headers={**_NOSNIFF, "Allow": self.allow},
             )
+        elif self.fanout and workers.group_active() and not scope.get(workers.PEER_KEY):
+            # A worker of a multi-process server: its siblings' answers merged in.
+            response = await workers.fan_out(request, lambda: self._run(request, receive))
         else:
             response = await self._run(request, receive)
         if response is None:
@@ -242,9 +252,12 @@ class Endpoints:
 
     # --- dispatch ---------------------------------------------------------------------
 
-    def route(self, handler: Handler, methods: frozenset[str]) -> ASGIApp:
-        """Return an ASGI app that runs ``handler`` for ``methods`` and 405s the rest."""
-        return _MethodGuard(handler, methods, self.options.max_symbol_bytes, self.exposure)
+    def route(self, handler: Handler, methods: frozenset[str], fanout: bool = False) -> ASGIApp:
+        """Return an ASGI app that runs ``handler`` for ``methods`` and 405s the rest.
+
+        ``fanout``: in a worker of a multi-process server, merge the siblings' answers.
+        """
+        return _MethodGuard(handler, methods, self.options.max_symbol_bytes, self.exposure, fanout)
 
     # --- handlers ---------------------------------------------------------------------
 
