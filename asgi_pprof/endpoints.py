@@ -206,7 +206,12 @@ class _MethodGuard:
                 media_type=_TEXT,
                 headers={**_NOSNIFF, "Allow": self.allow},
             )
-        elif self.fanout and workers.group_active() and not scope.get(workers.PEER_KEY):
+        elif (
+            self.fanout
+            and request.method == "GET"
+            and workers.group_active()
+            and not scope.get(workers.PEER_KEY)
+        ):
             # A worker of a multi-process server: its siblings' answers merged in.
             response = await workers.fan_out(request, lambda: self._run(request, receive))
         else:
