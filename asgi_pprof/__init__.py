@@ -31,12 +31,14 @@ if TYPE_CHECKING:
 
     from .app import create_app
     from .block import set_block_profile_rate, set_mutex_profile_fraction
-    from .heap import start_tracing, stop_tracing
+    from .handlers import handler
+    from .labelling import LabelMiddleware, labels
     from .loopstall import set_loopstall_threshold
     from .loopstall import watch as watch_event_loop
     from .memprofile import set_memory_profile_rate
     from .server import PprofServer, start_server
     from .tasks import track_task_creation
+    from .tracemalloc_owner import start_tracing, stop_tracing
 
     pprof_app: Starlette
 
@@ -45,15 +47,18 @@ __version__ = "0.1.0"
 # Everything is loaded on first use (PEP 562): `import asgi_pprof` costs a few
 # milliseconds and installs nothing (no hook, no thread, no app) until a name is used.
 _LAZY = {
+    "LabelMiddleware": ("labelling", "LabelMiddleware"),
     "PprofServer": ("server", "PprofServer"),
     "create_app": ("app", "create_app"),
+    "handler": ("handlers", "handler"),
+    "labels": ("labelling", "labels"),
     "set_block_profile_rate": ("block", "set_block_profile_rate"),
     "set_loopstall_threshold": ("loopstall", "set_loopstall_threshold"),
     "set_memory_profile_rate": ("memprofile", "set_memory_profile_rate"),
     "set_mutex_profile_fraction": ("block", "set_mutex_profile_fraction"),
     "start_server": ("server", "start_server"),
-    "start_tracing": ("heap", "start_tracing"),
-    "stop_tracing": ("heap", "stop_tracing"),
+    "start_tracing": ("tracemalloc_owner", "start_tracing"),
+    "stop_tracing": ("tracemalloc_owner", "stop_tracing"),
     "track_task_creation": ("tasks", "track_task_creation"),
     "watch_event_loop": ("loopstall", "watch"),
 }
@@ -99,9 +104,12 @@ def _configure_from_env() -> None:
 _configure_from_env()
 
 __all__ = [
+    "LabelMiddleware",
     "PprofServer",
     "__version__",
     "create_app",
+    "handler",
+    "labels",
     "pprof_app",
     "set_block_profile_rate",
     "set_loopstall_threshold",

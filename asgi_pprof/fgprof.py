@@ -36,7 +36,7 @@ from .concurrency import Window, is_own_thread, run_in_thread
 
 # By name from the module: the package exports the function labels(), which shadows the
 # module as an attribute of the package.
-from .labels import all_thread_labels, task_labels
+from .labelling import all_thread_labels, task_labels
 from .model import Labels, ProfileData, Sample, Stack, ValueType
 
 if TYPE_CHECKING:

@@ -153,9 +153,8 @@ def resolve(target: Target) -> Callable[[], None]:
 def exposure_options(allow: list[str]) -> dict[str, Any]:
     """Return the ``create_app`` options for ``--allow`` (added to loopback) and
     ``$ASGI_PPROF_AUTH_TOKEN``; ``ValueError``/``TypeError`` when they are bad."""
-    from .options import Options
-
     from .exposure import LOOPBACK
+    from .options import Options
 
     options: dict[str, Any] = {}
     if allow:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from .concurrency import THREAD_PREFIX
 from .frames import RawStack, current_stacks, resolve, stack_now
-from .labels import all_thread_labels, current_labels
+from .labelling import all_thread_labels, current_labels
 from .model import Labels, Stack
 
 __all__ = ["Capture", "Sampler", "TimelineTick", "get_sampler", "sample_stack"]

@@ -30,7 +30,7 @@ from typing import Any
 
 from . import chains, creation, waits
 from .creation import Creation, track_task_creation
-from .labels import task_labels, thread_labels
+from .labelling import task_labels, thread_labels
 from .model import Frame, Labels, Stack
 from .sampler import sample_stack
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asgi_pprof import builder, create_app, fgprof, views
 from asgi_pprof.concurrency import SleepWindow
-from asgi_pprof.labels import LabelMiddleware
+from asgi_pprof.labelling import LabelMiddleware
 from bench.common import ROOT, RefServer, ab_rounds, measure, med, report
 from bench.refapp import hello, items
 

@@ -14,7 +14,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from asgi_pprof import create_app
-from asgi_pprof.labels import LabelMiddleware
+from asgi_pprof.labelling import LabelMiddleware
 
 
 def _spin(seconds: float) -> None:

@@ -12,9 +12,12 @@ from asgi_pprof import create_app
 def test_public_surface_does_not_change_by_accident() -> None:
     assert asgi_pprof.__all__ == sorted(asgi_pprof.__all__)
     assert asgi_pprof.__all__ == [
+        "LabelMiddleware",
         "PprofServer",
         "__version__",
         "create_app",
+        "handler",
+        "labels",
         "pprof_app",
         "set_block_profile_rate",
         "set_loopstall_threshold",

@@ -420,7 +420,7 @@ def test_start_server_reports_a_busy_port() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         with pytest.raises(OSError, match="could not serve"):
-            start_server(port=s.getsockname()[1])
+            start_server(port=s.getsockname()[1], if_port_taken="raise")
 
 
 def test_python_dash_m_serves(tmp_path: Path) -> None:

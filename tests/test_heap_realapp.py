@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_realapp_heap_at_16_frames_is_fast_and_holds_none_of_ours() -> None:
     env = {**os.environ, "PYTHONTRACEMALLOC": "16", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.realapp_heap", "3"],
+        [sys.executable, "-m", "tests.realapp_heap", "2"],  # a first and a later heap
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -18,7 +18,7 @@ from starlette.routing import Mount, Route
 
 from asgi_pprof import builder, fgprof
 from asgi_pprof.concurrency import SleepWindow
-from asgi_pprof.labels import LabelMiddleware, current_labels, labels, thread_labels
+from asgi_pprof.labelling import LabelMiddleware, current_labels, labels, thread_labels
 from tests.conftest import ServerThread
 
 pytestmark = pytest.mark.anyio

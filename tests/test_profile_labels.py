@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from asgi_pprof import builder
-from asgi_pprof.labels import labels
+from asgi_pprof.labelling import labels
 
 from .test_sampler_safety import _Service
 
