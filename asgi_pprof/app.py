@@ -75,6 +75,7 @@ def create_app(**options: Any) -> Starlette:
         _GoRoute("/", ep.route(ep.index, _READ)),
         _GoRoute("/cmdline", ep.route(ep.cmdline, _READ)),
         _GoRoute("/profile", ep.route(ep.profile, _READ, fanout=True)),
+        _GoRoute("/fgprof", ep.route(ep.fgprof, _READ, fanout=True)),
         # POST too: go tool pprof's remote symbolization posts (current Go refuses it).
         _GoRoute("/symbol", ep.route(ep.symbol, _SYMBOL)),
         _GoRoute("/trace", ep.route(ep.trace, _READ)),

@@ -23,8 +23,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import builder, cpu, limits, symbols, workers
-from .concurrency import RequestWindow, run_in_thread
+from .concurrency import RequestWindow, Window, run_in_thread
 from .exposure import Exposure, Refusal
+from .model import ProfileData
 from .params import atoi, first, parse_float, parse_int10
 from .profiles import NamedProfile, ProfileError
 
@@ -89,6 +90,28 @@ def _binary(body: bytes, filename: str) -> Response:
         body,
         media_type=_BINARY,
         headers={**_NOSNIFF, "Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _flame_graph_links(names: list[str]) -> str:
+    """Return the index's extra block: a flame graph page of every profile, in this browser.
+
+    Not in Go's page (it comes after Go's part, which stays byte for byte): links to
+    ``<name>?format=html`` and, for the timed profiles, a form choosing the seconds.
+    """
+    timed = "".join(
+        f"<form action='{name}' style='display:inline'>"
+        f"<input type=hidden name=format value=html>"
+        f"<input name=seconds value=10 size=3> s <button>{name}</button></form>\n"
+        for name in ("profile", "fgprof")
+    )
+    links = "".join(
+        f"<a href='{quote(name, safe='-_.~/')}?format=html'>{_go_html_escape(name)}</a>\n"
+        for name in names
+    )
+    return (
+        "<p>\nFlame graphs in this browser (no Go needed; also format=speedscope, "
+        f"format=folded):\n<br>\n{timed}<br>\n{links}</p>\n"
     )
 
 
@@ -290,7 +313,8 @@ class Endpoints:
             "<thead><td>Count</td><td>Profile</td></thead>\n"
             f"{rows}</table>\n"
             '<a href="goroutine?debug=2">full goroutine stack dump</a>\n<br>\n'
-            f"<p>\nProfile Descriptions:\n<ul>\n{descs}</ul>\n</p>\n</body>\n</html>"
+            f"<p>\nProfile Descriptions:\n<ul>\n{descs}</ul>\n</p>\n"
+            f"{_flame_graph_links(sorted(self.profiles))}</body>\n</html>"
         )
         return Response(page, media_type="text/html; charset=utf-8", headers=dict(_NOSNIFF))
 
@@ -320,16 +344,26 @@ class Endpoints:
 
     async def profile(self, request: Request, call: Call) -> Response:
         """Return a CPU profile of ``seconds`` (default 30) as gzipped profile.proto."""
+        return await self._timed(request, call, "profile", cpu.profile)
+
+    async def fgprof(self, request: Request, call: Call) -> Response:
+        """Return a wall-clock profile (fgprof's) of ``seconds`` (default 30): every thread and
+        every asyncio task, running or waiting, as gzipped profile.proto."""
+        from . import fgprof  # a sampler of its own: load it on first use
+
+        return await self._timed(request, call, "fgprof", fgprof.profile)
+
+    async def _timed(self, request: Request, call: Call, name: str, capture: Capture) -> Response:
+        fmt = _format_of(request)  # checked before the window, not after it
         sec = parse_int10(first(request.query_params, "seconds"))
         if sec is None or sec <= 0:
             sec = min(CPU_DEFAULT_SECONDS, self.options.max_seconds)
         limits.check_window("profile", sec, self.options)
         with limits.window_slot("profile", self.options):
-            data = await cpu.profile(sec, call.window, self.options)
+            data = await capture(sec, call.window, self.options)
         if data is None:
             raise ClientGone
-        body = await run_in_thread(builder.encode, data)
-        return _binary(body, "profile")
+        return await _respond(data, name, fmt, request)
 
     async def trace(self, request: Request, call: Call) -> Response:
         """Return an execution trace of ``seconds`` (float, default 1) as Trace Event JSON."""
@@ -358,11 +392,12 @@ class Endpoints:
         run_gc = atoi(first(request.query_params, "gc")) > 0 and name == "heap"
         if run_gc:
             await run_in_thread(gc.collect)
+        fmt = _format_of(request)
         debug = atoi(first(request.query_params, "debug"))
-        if debug != 0:
+        if debug != 0 and fmt is None:
             return _text(await prof.text(debug, gc=run_gc))
         data = await prof.collect(gc=run_gc)
-        return _binary(await run_in_thread(builder.encode, data), name)
+        return await _respond(data, name, fmt, request)
 
     async def _delta(
         self, request: Request, call: Call, prof: NamedProfile, seconds: str
@@ -376,12 +411,51 @@ class Endpoints:
         limits.check_window("delta", sec, self.options)
         if atoi(first(request.query_params, "debug")) != 0:
             return serve_error(400, "seconds and debug params are incompatible")
+        fmt = _format_of(request)
         with limits.window_slot("delta", self.options):
             data = await prof.delta(sec, call.window)
         if data is None:
             raise ClientGone
-        body = await run_in_thread(builder.encode, data, 6)
-        return _binary(body, f"{prof.name}-delta")
+        return await _respond(data, f"{prof.name}-delta", fmt, request, compresslevel=6)
+
+
+Capture = Callable[[float, Window, "Options"], Awaitable[ProfileData | None]]
+"""A timed capture: ``cpu.profile`` or ``fgprof.profile``."""
+
+
+def _format_of(request: Request) -> str | None:
+    """Return the ``format=`` asked for (None: Go's profile.proto), checked up front.
+
+    Raises ProfileError(400) for a format we do not render.
+    """
+    fmt = first(request.query_params, "format")
+    if fmt in ("", "proto"):
+        return None
+    from . import views  # pyinstrument and the renderers: loaded on first use
+
+    if fmt not in views.FORMATS:
+        raise ProfileError(
+            400, f"unknown format {fmt!r}: use proto, " + ", ".join(sorted(views.FORMATS))
+        )
+    return fmt
+
+
+async def _respond(
+    data: ProfileData, name: str, fmt: str | None, request: Request, compresslevel: int = 1
+) -> Response:
+    """Return ``data`` as Go's binary profile, or rendered in ``fmt`` (in a worker thread)."""
+    if fmt is None:
+        body = await run_in_thread(builder.encode, data, compresslevel)
+        return _binary(body, name)
+    from . import views
+
+    raw_index = first(request.query_params, "sample_index")
+    index = parse_int10(raw_index) if raw_index else None
+    try:
+        body, media = await run_in_thread(views.render, data, fmt, name, index)
+    except ValueError as e:
+        raise ProfileError(400, str(e)) from None
+    return Response(body, media_type=media, headers=dict(_NOSNIFF))
 
 
 def _argv() -> list[str]:

@@ -19,7 +19,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import RedirectResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .app import PprofMount, create_app
 from .concurrency import THREAD_PREFIX, end_windows
@@ -43,7 +43,26 @@ def make_root_app(app: ASGIApp | None = None, mount: str = MOUNT) -> Starlette:
     async def root(request: Any) -> RedirectResponse:
         return RedirectResponse(mount + "/")
 
-    return Starlette(routes=[Route("/", root), PprofMount(mount, app=app or create_app())])
+    pprof = app or create_app()
+    return Starlette(
+        routes=[
+            Route("/", root),
+            # Grafana Alloy's default fgprof path (profile.fgprof): the same endpoint.
+            Route("/debug/fgprof", _Alias(pprof, "/fgprof")),
+            PprofMount(mount, app=pprof),
+        ]
+    )
+
+
+class _Alias:
+    """An ASGI app serving ``path`` of ``app`` at another route (a class: Route passes it on)."""
+
+    def __init__(self, app: ASGIApp, path: str) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app({**scope, "path": self.path, "root_path": ""}, receive, send)
 
 
 def half_close_protocol() -> type[asyncio.Protocol]:

@@ -365,6 +365,13 @@ async def fan_out(
         return Response(ans.body, status_code=ans.status, headers=_keep(ans.headers))
     if not peers:
         return await own()
+    if request.query_params.get("format", "proto") not in ("", "proto"):
+        # A rendered page (format=html, speedscope, folded) is this worker's only: merging
+        # needs the peers' proto, rendered once merged, which is not built yet. Said so.
+        response = await own()
+        if response is not None:
+            response.headers["x-asgi-pprof-workers"] = f"1/{len(peers) + 1} (format= renders one)"
+        return response
     timeout = _window(request) + GRACE_SECONDS
     tasks = {pid: asyncio.ensure_future(_ask(p, target, timeout)) for pid, p in peers.items()}
     response = await own()
