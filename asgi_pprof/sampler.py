@@ -275,8 +275,11 @@ class _SwitchInterval:
 
 _switch = _SwitchInterval()
 
-_CONTENDED_S = 0.1
-"""A thread that ticked within this many seconds is burning CPU now."""
+_BUSY_SHARE = 0.05
+"""A thread using more than this share of a core (over the last rescan) burns CPU."""
+
+_CONTENDED_SHARE = 0.75
+"""Python threads using together more than this share of a core contend for the GIL."""
 
 
 # --- the sampler ---------------------------------------------------------------------------
@@ -316,8 +319,9 @@ class Sampler:
         self._previous_handler: object = None
         self._thread: threading.Thread | None = None
         self._holding_switch = False
-        self._last_tick: dict[int, float] = {}
-        """When each thread last ticked (monotonic s): who is burning CPU now."""
+        self._cpu_seen: dict[int, int] = {}
+        """Each thread's CPU clock (by kernel tid) at the last rescan: who burns CPU now."""
+        self._cpu_at = 0.0
         self._closed = False
         self.ticks = 0
         self.overruns = 0
@@ -397,7 +401,6 @@ class Sampler:
         # The handler runs in the interrupted code's context: the running task's labels.
         key = (stack, self._main_name, current_labels())
         cpu_now = time.thread_time_ns()
-        self._last_tick[self._main_ident or 0] = time.monotonic()
         for cap in captures:
             Capture.add_to(cap.signal_counts, key, 1, cap.weigh(self._main_tid, cpu_now, 1))
             if cap.timeline is not None:
@@ -479,9 +482,6 @@ class Sampler:
     ) -> None:
         threads = {t.ident: t for t in threading.enumerate()}
         now = time.perf_counter_ns()
-        mono = time.monotonic()
-        for ident in ident_ticks:
-            self._last_tick[ident] = mono
         batch: list[tuple[int | None, int, Key, int, int | None]] = []
         for ident, ticks in ident_ticks.items():
             thread = threads.get(ident)
@@ -560,8 +560,8 @@ class Sampler:
                 now = time.monotonic()
                 if now - last_scan >= _RESCAN_S:
                     last_scan = now
-                    self._adapt_switch_interval(now, my_ident=threading.get_ident())
                     targets = self._targets()
+                    self._adapt_switch_interval(now, targets, threading.get_ident())
                     for ident in [i for i in timers if targets.get(i) != timers[i][0]]:
                         libc.timer_delete(timers.pop(ident)[1])
                     for ident, tid in targets.items():
@@ -601,28 +601,40 @@ class Sampler:
                     self._delete_main_timer()
             self._drain(fd)
 
-    def _adapt_switch_interval(self, now: float, my_ident: int) -> None:
+    def _adapt_switch_interval(self, now: float, targets: dict[int, int], my_ident: int) -> None:
         """Lower the switch interval only while it buys accuracy (issue 8, item 14).
 
         The low interval exists so that a thread whose CPU burst is shorter than the
         interpreter's 5 ms lets us read its frame before the burst ends. It costs nothing
-        while one thread burns CPU, but two threads that both want the GIL would then hand
-        it over every 0.1 ms (measured: x1.38 CPU on fixed work). And while they contend,
-        the default interval's forced hand-offs already stop them inside their CPU-bound
-        code, where the samples belong. So: low while at most one thread burns CPU, the
-        interpreter's own while two or more do.
+        while threads take turns (bursts, then waits), but threads that all want the GIL at
+        once would hand it over every 0.1 ms (measured: x1.38 CPU for two CPU-bound
+        threads). And while they contend, the default interval's forced hand-offs already
+        stop them inside their CPU-bound code, where the samples belong. So the low
+        interval stays unless two or more threads burn CPU and together they keep the GIL
+        busy (over :data:`_CONTENDED_SHARE` of the last rescan's wall time, from the
+        threads' own CPU clocks).
         """
-        burning = sum(
-            1
-            for ident, t in self._last_tick.items()
-            if ident != my_ident and now - t < _CONTENDED_S
-        )
-        if len(self._last_tick) > 4 * max(1, threading.active_count()):
-            self._last_tick = {i: t for i, t in self._last_tick.items() if now - t < 1.0}
+        busy = 0
+        total = 0.0
+        elapsed = now - self._cpu_at
+        seen: dict[int, int] = {}
+        for ident, tid in targets.items():
+            if ident == my_ident:
+                continue  # our own reading is not contention we could avoid
+            cpu = _thread_cpu_ns(tid)
+            if cpu is None:
+                continue
+            seen[tid] = cpu
+            prev = self._cpu_seen.get(tid)
+            if prev is not None and elapsed > 0:
+                share = (cpu - prev) / 1e9 / elapsed
+                total += share
+                busy += share > _BUSY_SHARE
+        self._cpu_seen, self._cpu_at = seen, now
         with self._lock:
             if self.switch_interval is None or not self._captures:
                 return
-            want_low = burning <= 1
+            want_low = busy <= 1 or total < _CONTENDED_SHARE
             if want_low != self._holding_switch:
                 self._holding_switch = want_low
                 _switch.want(id(self), self.switch_interval if want_low else None)

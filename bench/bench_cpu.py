@@ -154,7 +154,7 @@ def capture_cost_on_threads() -> None:
     s = get_sampler(100, 0.0001)
     saved = sys.getswitchinterval()
     for threads in (1, 2):
-        work = 3000
+        work = 15000  # about 0.7 s of CPU per thread: long enough to swamp start-up
         _fixed_work(threads, work // 4)  # warm up
         results: dict[str, list[tuple[float, float]]] = {"none": [], "adaptive": [], "low": []}
         for i in range(7):

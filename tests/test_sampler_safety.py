@@ -464,7 +464,7 @@ def test_first_capture_does_not_stall_the_loop() -> None:
 # --- item 14: the low switch interval only where it buys accuracy --------------------------
 
 
-def test_switch_interval_is_lowered_only_while_one_thread_burns_cpu() -> None:
+def test_switch_interval_is_lowered_unless_threads_contend_for_the_gil() -> None:
     # Two threads that both want the GIL would hand it over every 0.1 ms (x1.38 CPU on
     # fixed work, measured); one bursting thread needs the low interval for its samples to
     # land mid-burst, and costs nothing. `make bench` prints both costs.
