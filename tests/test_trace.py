@@ -911,7 +911,7 @@ async def test_loop_cpu_track_shows_short_bursts_where_they_burn() -> None:
     split = cpu_split(events, cpu_tid, ("workloads.alpha_burst", "workloads.beta_burst"))
     alpha, beta = split["workloads.alpha_burst"], split["workloads.beta_burst"]
     ticks = {"alpha": 0, "beta": 0}
-    for (stack, thread), (n, _) in profile.totals().items():
+    for (stack, thread, _), (n, _) in profile.totals().items():
         for name in ticks:
             if thread == "MainThread" and any(f.function.endswith(f".{name}_burst") for f in stack):
                 ticks[name] += n

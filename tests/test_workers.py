@@ -205,7 +205,9 @@ def test_a_worker_that_does_not_answer_is_left_out_and_a_killed_one_forgotten(
             r = httpx.get(url, headers=AUTH, timeout=30)  # only the other worker accepts
             took = time.monotonic() - t0
         finally:
-            os.kill(stopped, signal.SIGCONT)
+            # uvicorn's supervisor may have killed it already (its health check timed out).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
         assert r.headers["x-asgi-pprof-workers"] == "1/2"
         assert f"# worker {stopped} did not answer in 5 s" in r.text
         assert took < 20  # the 5 s grace, with room for a loaded machine
