@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from asgi_pprof import block, contention, create_app, loopstall
-from bench.common import ab_rounds, free_port, load, med, report
+from bench.common import RefServer, ab_rounds, load, med, report
 from bench.refapp import render_items
 
 ROUNDS = 5
@@ -77,50 +76,13 @@ def _make_app() -> Starlette:
 app = _make_app() if os.environ.get("BENCH_CONTENTION_APP") == "1" else None
 
 
-class Server:
+class Server(RefServer):
     """This module's app under uvicorn in its own process, with ``env`` set."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "BENCH_CONTENTION_APP": "1", **env}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Server:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "bench.bench_contention:app",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            cwd=Path(__file__).resolve().parent.parent,
-            env=self.env,
+        super().__init__(
+            {"BENCH_CONTENTION_APP": "1", **env}, app="bench.bench_contention:app", ready="/items"
         )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(self.url + "/items", timeout=1)
-                return self
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        self.proc.wait(10)
-
-    def cpu_seconds(self) -> float:
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def measure(self, path: str, seconds: float) -> dict[str, float]:
         c0 = self.cpu_seconds()

@@ -39,31 +39,8 @@ RATE = 512 * 1024
 class SampledRefServer(RefServer):
     """bench/refapp.py plus the sampled heap/allocs at /sampled/debug/pprof (memsample_app)."""
 
-    def __enter__(self) -> SampledRefServer:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "bench.memsample_app:app",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=self.env,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(self.url + "/hello", timeout=1)
-                return self
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        super().__init__(env, app="bench.memsample_app:app")
 
 
 # --- (1) the reference app ------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from asgi_pprof import builder, create_app, fgprof, views
 from asgi_pprof.concurrency import SleepWindow
 from asgi_pprof.labelling import LabelMiddleware
-from bench.common import ROOT, RefServer, ab_rounds, measure, med, report
+from bench.common import RefServer, ab_rounds, measure, med, report
 from bench.refapp import hello, items
 
 ROUNDS = 5
@@ -94,31 +93,8 @@ app = Starlette(
 class ViewsServer(RefServer):
     """This module's app under uvicorn in its own process (RefServer's plumbing)."""
 
-    def __enter__(self) -> ViewsServer:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "bench.bench_views:app",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=self.env,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(self.url + "/hello", timeout=1)
-                return self
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        super().__init__(env, app="bench.bench_views:app")
 
 
 def _fetch(url: str, out: list[bytes], timeout: float) -> None:

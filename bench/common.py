@@ -29,9 +29,17 @@ def free_port() -> int:
 
 
 class RefServer:
-    """bench/refapp.py under uvicorn in its own process (its loop on its main thread)."""
+    """An app (bench/refapp.py by default) under uvicorn in its own process (its loop on its
+    main thread); ready once ``ready`` answers."""
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        app: str = "bench.refapp:app",
+        ready: str = "/hello",
+    ) -> None:
+        self.app = app
+        self.ready = ready
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {})}
@@ -43,7 +51,7 @@ class RefServer:
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "bench.refapp:app",
+                self.app,
                 "--port",
                 str(self.port),
                 "--log-level",
@@ -56,7 +64,7 @@ class RefServer:
         deadline = time.monotonic() + 30
         while True:
             try:
-                httpx.get(self.url + "/hello", timeout=1)
+                httpx.get(self.url + self.ready, timeout=1)
                 return self
             except httpx.TransportError:
                 if time.monotonic() > deadline:
