@@ -275,11 +275,12 @@ class _SwitchInterval:
 
 _switch = _SwitchInterval()
 
-_BUSY_SHARE = 0.05
-"""A thread using more than this share of a core (over the last rescan) burns CPU."""
+_BUSY_SHARE = 0.25
+"""A thread using more than this share of a core (over the last rescan) is CPU-bound."""
 
-_CONTENDED_SHARE = 0.75
-"""Python threads using together more than this share of a core contend for the GIL."""
+_CONTENDED_SHARE = 0.9
+"""CPU-bound threads using together more than this share of a core contend for the GIL
+(with the GIL, Python threads can use at most one core between them)."""
 
 
 # --- the sampler ---------------------------------------------------------------------------
@@ -610,9 +611,9 @@ class Sampler:
         once would hand it over every 0.1 ms (measured: x1.38 CPU for two CPU-bound
         threads). And while they contend, the default interval's forced hand-offs already
         stop them inside their CPU-bound code, where the samples belong. So the low
-        interval stays unless two or more threads burn CPU and together they keep the GIL
-        busy (over :data:`_CONTENDED_SHARE` of the last rescan's wall time, from the
-        threads' own CPU clocks).
+        interval stays unless two or more threads are CPU-bound (:data:`_BUSY_SHARE`) and
+        together keep the GIL busy (:data:`_CONTENDED_SHARE` of the last rescan's wall
+        time, from the threads' own CPU clocks).
         """
         busy = 0
         total = 0.0
@@ -628,8 +629,9 @@ class Sampler:
             prev = self._cpu_seen.get(tid)
             if prev is not None and elapsed > 0:
                 share = (cpu - prev) / 1e9 / elapsed
-                total += share
-                busy += share > _BUSY_SHARE
+                if share > _BUSY_SHARE:
+                    busy += 1
+                    total += share
         self._cpu_seen, self._cpu_at = seen, now
         with self._lock:
             if self.switch_interval is None or not self._captures:
