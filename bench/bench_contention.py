@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from asgi_pprof import block, contention, create_app, loopstall
-from bench.common import RefServer, ab_rounds, load, med, report
+from bench.common import RefServer, ab_rounds, measure, med, report
 from bench.refapp import render_items
 
 ROUNDS = 5
@@ -83,16 +83,6 @@ class Server(RefServer):
         super().__init__(
             {"BENCH_CONTENTION_APP": "1", **env}, app="bench.bench_contention:app", ready="/items"
         )
-
-    def measure(self, path: str, seconds: float) -> dict[str, float]:
-        c0 = self.cpu_seconds()
-        r = load(self.url + path, seconds)
-        cpu = self.cpu_seconds() - c0
-        return {
-            "rps": r["requests"] / r["seconds"],
-            "p99_ms": r["p99_ms"],
-            "cpu_ms_per_req": cpu * 1e3 / max(1, r["requests"]),
-        }
 
 
 # --- per operation ----------------------------------------------------------------------------
@@ -192,8 +182,8 @@ def main() -> int:
     with Server(off_env) as off, Server(on_env) as on:
         base, other = ab_rounds(
             ROUNDS,
-            lambda: off.measure("/items", LOAD_S),
-            lambda: on.measure("/items", LOAD_S),
+            lambda: measure(off, "/items", LOAD_S),
+            lambda: measure(on, "/items", LOAD_S),
         )
         report("block+mutex on", base, other)
         r = httpx.get(on.url + "/debug/pprof/block?debug=1").text

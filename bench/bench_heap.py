@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from asgi_pprof import create_app, gcsampler, heap
-from bench.common import LagMonitor, RefServer, ab_rounds, measure, med, report
+from bench.common import LagMonitor, RefServer, compare_to_base, med
 
 ROUND_S = 2.0
 ROUNDS = 3
@@ -61,20 +61,7 @@ def throughput() -> None:
     for s in servers.values():
         s.__enter__()
     try:
-        base = servers["off"]
-        for path in ("/items?n=50", "/hello"):
-            for s in servers.values():
-                measure(s, path, 0.5)  # warm up
-            for name, srv in servers.items():
-                if srv is base:
-                    continue
-                a, b = ab_rounds(
-                    ROUNDS,
-                    lambda path=path: measure(base, path, ROUND_S),
-                    lambda path=path, srv=srv: measure(srv, path, ROUND_S),
-                )
-                print(f" route {path}: off vs {name}")
-                report(name, a, b)
+        compare_to_base(servers, "off", ("/items?n=50", "/hello"), ROUNDS, ROUND_S)
         print(
             "  RSS after the runs: "
             + ", ".join(f"{n} {rss_mb(s):.0f} MB" for n, s in servers.items())

@@ -27,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, LagMonitor, RefServer, ab_rounds, load, measure, med, report
+from bench.common import ROOT, LagMonitor, RefServer, compare_to_base, load, med
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 ROUND_S = 1.0 if QUICK else 2.0
@@ -61,20 +61,7 @@ def throughput() -> None:
     for s in servers.values():
         s.__enter__()
     try:
-        base = servers["off"]
-        for path in ("/items?n=50", "/hello"):
-            for s in servers.values():
-                measure(s, path, 0.5)  # warm up
-            for name, srv in servers.items():
-                if srv is base:
-                    continue
-                a, b = ab_rounds(
-                    ROUNDS,
-                    lambda path=path: measure(base, path, ROUND_S),
-                    lambda path=path, srv=srv: measure(srv, path, ROUND_S),
-                )
-                print(f" route {path}: off vs {name}")
-                report(name, a, b)
+        compare_to_base(servers, "off", ("/items?n=50", "/hello"), ROUNDS, ROUND_S)
     finally:
         for s in servers.values():
             s.__exit__(None, None, None)

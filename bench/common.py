@@ -124,6 +124,25 @@ def during(fn: Callable[[], Any]) -> AbstractContextManager[None]:
     return ctx()
 
 
+def compare_to_base(
+    servers: dict[str, RefServer], base: str, paths: tuple[str, ...], rounds: int, seconds: float
+) -> None:
+    """Print, per path, every server against ``servers[base]``: A/B-alternated rounds."""
+    for path in paths:
+        for s in servers.values():
+            measure(s, path, 0.5)  # warm up
+        for name, srv in servers.items():
+            if name == base:
+                continue
+            a, b = ab_rounds(
+                rounds,
+                lambda path=path: measure(servers[base], path, seconds),
+                lambda path=path, srv=srv: measure(srv, path, seconds),
+            )
+            print(f" route {path}: {base} vs {name}")
+            report(name, a, b)
+
+
 def ab_rounds(
     rounds: int,
     a: Callable[[], dict[str, float]],
