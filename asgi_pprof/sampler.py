@@ -1,14 +1,14 @@
 """The CPU sampler: one thread that samples the Python stacks of all threads by CPU time.
 
-How a sample is taken (Linux): every profiled thread gets a POSIX timer on *its own* CPU
-clock (``timer_create`` on the thread's CPU clock id), set to fire every ``1/hz`` s of that
-thread's CPU time and to deliver its signal to the sampler thread only
-(``SIGEV_THREAD_ID``). The sampler blocks that signal and reads it from a ``signalfd``.
+How a sample is taken (Linux): every profiled thread gets a ticker on *its own* CPU time
+(``cputicks``: a perf task-clock event, else a POSIX CPU timer) that fires every ``1/hz``
+s of that thread's CPU and signals the sampler thread only, which blocks the signal and
+reads it from a ``signalfd``; the main thread takes its own ticks in a SIGPROF handler.
 So a tick means "this thread has just burned one period of CPU": idle threads never
 tick, a thread blocked on I/O, a lock or the GIL never ticks, and the tick's weight is
 exact. The sampler then takes the GIL and reads the thread's frame. Because the ticking
 thread held the GIL a moment ago, that wait is bounded by the switch interval, which a
-capture lowers (``Options.switch_interval``, 0.2 ms by default) so that the frame read is
+capture lowers (``Options.switch_interval``, 0.1 ms by default) so that the frame read is
 the one that burned the CPU, not the line where a short burst ended (see "The GIL
 sampling bias" in the README). Each tick's stack goes to every subscriber, so several
 concurrent ``/profile`` requests share one sampler.
@@ -27,13 +27,13 @@ import logging
 import os
 import select
 import signal
-import struct
 import sys
 import threading
 import time
 import types
 from dataclasses import dataclass, field
 
+from . import cputicks
 from .concurrency import THREAD_PREFIX
 from .frames import RawStack, current_stacks, resolve, stack_now
 from .labelling import all_thread_labels, current_labels
@@ -133,89 +133,8 @@ class Capture:
         return out
 
 
-# --- libc glue (Linux) ---------------------------------------------------------------------
-
-_SIGEV_THREAD_ID = 4
 _SFD_NONBLOCK = 0o4000
 _SFD_CLOEXEC = 0o2000000
-_SIGINFO_SIZE = 128
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-class _Itimerspec(ctypes.Structure):
-    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
-
-
-class _Sigevent(ctypes.Structure):
-    # glibc layout: sigval (8 bytes), signo, notify, then a 48-byte union whose first
-    # int is the target thread id for SIGEV_THREAD_ID.
-    _fields_ = [
-        ("sigev_value", ctypes.c_void_p),
-        ("sigev_signo", ctypes.c_int),
-        ("sigev_notify", ctypes.c_int),
-        ("sigev_tid", ctypes.c_int),
-        ("_pad", ctypes.c_int * 11),
-    ]
-
-
-def _thread_cpu_clock(tid: int) -> int:
-    """Return the Linux clock id of a thread's CPU clock (user + system time) from its tid.
-
-    The kernel encodes it as ``(~tid << 3) | CPUCLOCK_PERTHREAD | CPUCLOCK_PROF``: the
-    clock ``ITIMER_PROF`` uses, which advances at scheduler ticks, so a timer on it fires
-    at a tick while the thread runs, a moment independent of what the thread does.
-    (Measured: ``CPUCLOCK_SCHED``, the precise clock, gave a 3:1 workload as 1.7:1.)
-    Built from the tid, not ``pthread_getcpuclockid``, which would read a possibly freed
-    ``pthread_t`` of a thread that has just exited.
-    """
-    return ((~tid) << 3) | 4
-
-
-class _Libc:
-    """The four libc calls the timer sampler needs, or None where they are missing."""
-
-    def __init__(self) -> None:
-        # The running process's own symbols first: dlopen(NULL) is instant, while
-        # find_library runs ldconfig (tens of ms, on the event loop's thread).
-        libc = ctypes.CDLL(None, use_errno=True)
-        if not hasattr(libc, "timer_create"):  # glibc < 2.34 keeps timers in librt
-            libc = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
-        self.timer_create = libc.timer_create
-        self.timer_create.argtypes = [
-            ctypes.c_int,
-            ctypes.POINTER(_Sigevent),
-            ctypes.POINTER(ctypes.c_void_p),
-        ]
-        self.timer_settime = libc.timer_settime
-        self.timer_settime.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.POINTER(_Itimerspec),
-            ctypes.c_void_p,
-        ]
-        self.timer_delete = libc.timer_delete
-        self.timer_delete.argtypes = [ctypes.c_void_p]
-        base = ctypes.CDLL(None, use_errno=True)
-        self.signalfd = base.signalfd
-        self.signalfd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-        self.sigemptyset = base.sigemptyset
-        self.sigaddset = base.sigaddset
-
-
-_libc: _Libc | bool | None = False
-
-
-def _get_libc() -> _Libc | None:
-    global _libc
-    if _libc is False:
-        try:
-            _libc = _Libc() if sys.platform.startswith("linux") else None
-        except (OSError, AttributeError):
-            _libc = None
-    return _libc if isinstance(_libc, _Libc) else None
 
 
 # --- the GIL switch interval, shared by every running sampler ------------------------------
@@ -306,7 +225,7 @@ class Sampler:
         self.hz = hz
         self.period_ns = 1_000_000_000 // hz
         self.switch_interval = switch_interval
-        self.mode = "timers" if _get_libc() is not None else "polling"
+        self.mode = "timers" if cputicks.get_libc() is not None else "polling"
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         # Replaced, never mutated: the signal handler reads it without taking the lock
@@ -316,7 +235,7 @@ class Sampler:
         self._main_name = ""
         self._main_ident: int | None = None
         self._main_tid: int | None = None
-        self._main_timer: ctypes.c_void_p | None = None
+        self._main_timer: cputicks.Ticker | None = None
         self._previous_handler: object = None
         self._thread: threading.Thread | None = None
         self._holding_switch = False
@@ -388,10 +307,9 @@ class Sampler:
 
     def _delete_main_timer(self) -> None:
         # Under self._lock.
-        timer, self._main_timer = self._main_timer, None
-        libc = _get_libc()
-        if timer is not None and libc is not None:
-            libc.timer_delete(timer)
+        ticker, self._main_timer = self._main_timer, None
+        if ticker is not None:
+            ticker.close()  # no tick of it is sent after this
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
         # The main thread's own tick: ``frame`` is exactly where it was burning CPU.
@@ -514,45 +432,27 @@ class Sampler:
     # Linux: per-thread CPU timers read through a signalfd
 
     def _run_timers(self) -> None:
-        libc = _get_libc()
+        libc = cputicks.get_libc()
         assert libc is not None  # mode "timers" is only chosen when libc has the calls
-        signal.pthread_sigmask(signal.SIG_BLOCK, {_SIGNAL})
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(cputicks.TICK_SIGNALS))
         mask = ctypes.create_string_buffer(128)
         libc.sigemptyset(mask)
-        libc.sigaddset(mask, int(_SIGNAL))
+        for signo in cputicks.TICK_SIGNALS:
+            libc.sigaddset(mask, int(signo))
         fd = libc.signalfd(-1, mask, _SFD_NONBLOCK | _SFD_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "signalfd failed")
         try:
             while self._idle():
-                self._capture_timers(libc, fd)
+                self._capture_timers(fd)
         finally:
             os.close(fd)
 
-    def _make_timer(self, libc: _Libc, tid: int, key: int, to_tid: int) -> ctypes.c_void_p | None:
-        ev = _Sigevent()
-        ev.sigev_value = key
-        ev.sigev_signo = int(_SIGNAL)
-        ev.sigev_notify = _SIGEV_THREAD_ID
-        ev.sigev_tid = to_tid
-        timer = ctypes.c_void_p()
-        if libc.timer_create(_thread_cpu_clock(tid), ctypes.byref(ev), ctypes.byref(timer)):
-            return None  # the thread exited between enumerate and here
-        period = self.period_ns
-        spec = _Itimerspec(
-            _Timespec(period // 1_000_000_000, period % 1_000_000_000),
-            _Timespec(period // 1_000_000_000, period % 1_000_000_000),
-        )
-        if libc.timer_settime(timer, 0, ctypes.byref(spec), None):
-            libc.timer_delete(timer)
-            return None
-        return timer
-
-    def _capture_timers(self, libc: _Libc, fd: int) -> None:
-        """Sample while captures run; every timer is deleted before this returns."""
+    def _capture_timers(self, fd: int) -> None:
+        """Sample while captures run; every ticker is closed before this returns."""
         my_tid = threading.get_native_id()
         main_ident = threading.main_thread().ident
-        timers: dict[int, tuple[int, ctypes.c_void_p]] = {}
+        tickers: dict[int, tuple[int, cputicks.Ticker]] = {}
         keys: dict[int, int] = {}
         next_key = 1
         try:
@@ -563,24 +463,28 @@ class Sampler:
                     last_scan = now
                     targets = self._targets()
                     self._adapt_switch_interval(now, targets, threading.get_ident())
-                    for ident in [i for i in timers if targets.get(i) != timers[i][0]]:
-                        libc.timer_delete(timers.pop(ident)[1])
+                    for ident in [i for i in tickers if targets.get(i) != tickers[i][0]]:
+                        gone = tickers.pop(ident)[1]
+                        keys.pop(gone.key, None)
+                        gone.close()
                     for ident, tid in targets.items():
-                        if ident in timers:
+                        # Not ourselves: our tick could only be read after the read it
+                        # interrupted, so it would show the sampler reading stacks.
+                        if ident in tickers or tid == my_tid:
                             continue
                         if ident == main_ident and self._main_by_signal:
-                            self._arm_main(libc, tid)
+                            self._arm_main(tid)
                             continue
-                        timer = self._make_timer(libc, tid, next_key, my_tid)
-                        if timer is None:
+                        ticker = cputicks.open_ticker(tid, self.period_ns, my_tid, next_key)
+                        if ticker is None:
                             continue
-                        timers[ident] = (tid, timer)
-                        keys[next_key] = ident
+                        tickers[ident] = (tid, ticker)
+                        keys[ticker.key] = ident
                         next_key += 1
-                    if targets and not timers and self._main_timer is None:
-                        # Every timer_create failed (a sandbox, an old kernel): an empty
-                        # profile would look like an idle process. Fall back, loudly.
-                        raise OSError(ctypes.get_errno(), "timer_create failed for every thread")
+                    if targets and not tickers and self._main_timer is None:
+                        # Every ticker failed (a sandbox, an old kernel): an empty profile
+                        # would look like an idle process. Fall back, loudly.
+                        raise OSError(ctypes.get_errno(), "no CPU ticker for any thread")
                 # Wait without the GIL; a tick wakes us at once.
                 ready, _, _ = select.select([fd], [], [], _RESCAN_S)
                 if not ready:
@@ -595,8 +499,8 @@ class Sampler:
                     self._deliver(ticks, stacks, labels)
                 del stacks
         finally:
-            for _, timer in timers.values():
-                libc.timer_delete(timer)
+            for _, ticker in tickers.values():
+                ticker.close()
             with self._lock:
                 if not self._captures:
                     self._delete_main_timer()
@@ -641,40 +545,42 @@ class Sampler:
                 self._holding_switch = want_low
                 _switch.want(id(self), self.switch_interval if want_low else None)
 
-    def _arm_main(self, libc: _Libc, tid: int) -> None:
+    def _arm_main(self, tid: int) -> None:
         # The main thread takes its own ticks in our SIGPROF handler (exact frames). Its
-        # timer exists only while a capture runs and the handler is ours (see the class doc).
+        # ticker exists only while a capture runs and the handler is ours (see the class doc).
         with self._lock:
             if self._main_timer is None and self._captures and self._main_by_signal:
-                self._main_timer = self._make_timer(libc, tid, 0, tid)
+                self._main_timer = cputicks.open_ticker(
+                    tid, self.period_ns, tid, 0, perf_signal=_SIGNAL
+                )
 
     def _read_ticks(self, fd: int, keys: dict[int, int]) -> dict[int, int]:
         ticks: dict[int, int] = {}
+        size = cputicks.SIGINFO_SIZE
         while True:
             try:
-                buf = os.read(fd, _SIGINFO_SIZE * 64)
+                buf = os.read(fd, size * 64)
             except BlockingIOError:
                 break
             except OSError as e:
                 if e.errno == errno.EINTR:
                     continue
                 raise
-            for off in range(0, len(buf) - _SIGINFO_SIZE + 1, _SIGINFO_SIZE):
-                (overrun,) = struct.unpack_from("I", buf, off + 32)
-                (key,) = struct.unpack_from("Q", buf, off + 48)  # ssi_ptr: our sigev_value
+            for off in range(0, len(buf) - size + 1, size):
+                key, overrun = cputicks.tick_key(buf, off)
                 ident = keys.get(key)
                 if ident is not None:
                     ticks[ident] = ticks.get(ident, 0) + 1 + overrun
                     self.ticks += 1 + overrun
                     self.overruns += overrun
-            if len(buf) < _SIGINFO_SIZE * 64:
+            if len(buf) < size * 64:
                 break
         return ticks
 
     def _drain(self, fd: int) -> None:
         # Signals already queued for this thread must not be read by the next capture.
         try:
-            while os.read(fd, _SIGINFO_SIZE * 64):
+            while os.read(fd, cputicks.SIGINFO_SIZE * 64):
                 pass
         except OSError:
             pass
@@ -730,6 +636,7 @@ def _after_fork_in_child() -> None:
     _samplers_lock = threading.Lock()
     _forked_native_ids.clear()
     _forked_native_ids[threading.get_ident()] = threading.get_native_id()
+    cputicks.after_fork_in_child()
     for s in _samplers.values():
         s.after_fork_in_child()
     _switch.after_fork_in_child()

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import tracemalloc
@@ -25,6 +26,21 @@ from asgi_pprof import create_app, sampler
 from asgi_pprof.concurrency import THREAD_PREFIX
 
 MOUNT = "/debug/pprof"
+
+
+def run_python(
+    code: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Return the finished run of ``code`` (dedented) in a fresh interpreter at the repo root."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+    )
 
 
 @pytest.fixture

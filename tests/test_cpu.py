@@ -24,7 +24,7 @@ from asgi_pprof import builder
 from asgi_pprof.model import ProfileData
 from asgi_pprof.sampler import get_sampler
 from tests import workloads
-from tests.conftest import ServerThread, free_port, go_pprof, mounted
+from tests.conftest import ServerThread, free_port, go_pprof, mounted, run_python
 
 pytestmark = pytest.mark.anyio
 
@@ -191,25 +191,74 @@ def test_short_bursts_on_another_thread() -> None:
     In a fresh interpreter: the suite's earlier tests leave threads and hooks that would
     share the GIL with the workload (and the switch interval rule reads them as
     contention). After a tick the sampler must wake and take the GIL before it reads the
-    thread, so part of each burst moves to the next line. The issue asks 3:1 within 20 %;
-    the previous session measured 2.6-2.8 here, this one 2.2-2.5 on this machine for the
-    old sampler and the new alike (the wake-up after a tick is slower on it). Bound: 25 %.
+    thread, so part of each burst moves to the next line. The issue asks 3:1 within 20 %.
+    Kernel CPU timers gave 2.2-2.6 on this machine; perf task-clock ticks, which come at
+    exact points of the thread's CPU time rather than at scheduler ticks, 2.7-2.9.
     """
-    proc = subprocess.run(
-        [sys.executable, "-c", _OTHER_THREAD],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_python(_OTHER_THREAD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     alpha, beta = got["alpha_burst"], got["beta_burst"]
     print(f"\nnon-main thread alpha/beta = {alpha / beta:.2f} (true 3.0)")
-    assert alpha / beta == pytest.approx(3.0, rel=0.25)
+    assert alpha / beta == pytest.approx(3.0, rel=0.20)
     sleeping = got["short_bursts_forever"] - alpha - beta
     assert sleeping < 0.10 * got["short_bursts_forever"]
+
+
+_UNDER_LOAD = """
+import asyncio, json, sys, time
+from asgi_pprof import cpu, cputicks
+from asgi_pprof.sampler import get_sampler
+from tests import workloads
+
+s = get_sampler(250, 0.0001)
+cap = s.subscribe()
+end = time.monotonic() + 15
+
+async def bursts():
+    while time.monotonic() < end:
+        workloads.alpha_burst()
+        workloads.beta_burst()
+        await asyncio.sleep(0.002)
+
+asyncio.run(bursts())
+s.unsubscribe(cap)
+data = cpu.to_profile(cap)
+
+def on(fn):
+    return sum(x.values[1] for x in data.samples if any(f.function.endswith(fn) for f in x.stack))
+
+got = {"source": cputicks.source(), "alpha": on("alpha_burst"), "beta": on("beta_burst")}
+print(json.dumps(got))
+"""
+
+
+def test_short_bursts_on_an_oversubscribed_machine() -> None:
+    """The event loop's 3:1 split while other processes keep every core busy.
+
+    Kernel CPU timers (Go's source, and ours where perf is missing) are checked at the
+    scheduler tick, and on a full machine the scheduler switches threads at those same
+    ticks: measured here, they saw this loop's 3:1 as 15:1 to 33:1. perf's task-clock
+    ticks at exact points of the thread's own CPU time. (With ``ASGI_PPROF_CPU_TICKS=timer``
+    in the environment this test fails: 16.5:1 measured.)
+    """
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 2)
+    ]
+    try:
+        proc = run_python(_UNDER_LOAD)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    ratio = got["alpha"] / max(1, got["beta"])
+    print(f"\n{got['source']} ticks under load: alpha/beta = {ratio:.2f} (true 3.0)")
+    if got["source"] != "perf" and "ASGI_PPROF_CPU_TICKS" not in os.environ:
+        pytest.skip("perf_event_open is refused here (perf_event_paranoid, seccomp)")
+    assert ratio == pytest.approx(3.0, rel=0.15)
 
 
 async def test_thread_blocked_on_io_shows_no_cpu(
@@ -504,10 +553,11 @@ def test_overlapping_samplers_restore_the_switch_interval() -> None:
 def test_polling_fallback_still_profiles(
     monkeypatch: pytest.MonkeyPatch, stop: threading.Event
 ) -> None:
+    from asgi_pprof import cputicks
     from asgi_pprof import sampler as sampler_mod
     from asgi_pprof.cpu import to_profile
 
-    monkeypatch.setattr(sampler_mod, "_get_libc", lambda: None)
+    monkeypatch.setattr(cputicks, "get_libc", lambda: None)
     s = sampler_mod.Sampler(100, 0.0001)
     assert s.mode == "polling"
     t = threading.Thread(target=workloads.short_bursts_forever, args=(stop,), name="polled")

@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -31,20 +30,9 @@ from asgi_pprof.cpu import OWN_LABEL, to_profile
 from asgi_pprof.sampler import get_sampler
 
 from . import workloads
-from .conftest import free_port
+from .conftest import free_port, run_python
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 # --- item 1: no timer may outlive the handler of its signal --------------------------------
@@ -92,7 +80,7 @@ _SEQUENCE = """
 
 
 def test_no_order_of_subscribe_unsubscribe_release_kills_the_process() -> None:
-    proc = _run_python(_SEQUENCE)
+    proc = run_python(_SEQUENCE)
     assert proc.returncode == 0, f"died with {proc.returncode}: {proc.stderr[-2000:]}"
     assert "alive" in proc.stdout
 
@@ -100,7 +88,7 @@ def test_no_order_of_subscribe_unsubscribe_release_kills_the_process() -> None:
 def test_an_exit_during_a_capture_is_clean() -> None:
     # The interpreter puts SIGPROF back to its default (fatal) action at shutdown: a timer
     # still armed then would end the process with "Profiling timer expired".
-    proc = _run_python(
+    proc = run_python(
         """
         import time
         from asgi_pprof.sampler import get_sampler
@@ -115,17 +103,27 @@ def test_an_exit_during_a_capture_is_clean() -> None:
 
 
 def test_a_fork_during_a_capture_leaves_the_child_clean() -> None:
-    proc = _run_python(
+    proc = run_python(
         """
         import os, sys, time
         from asgi_pprof.sampler import get_sampler
         before = sys.getswitchinterval()
         s = get_sampler(250, 0.0001)
         cap = s.subscribe()
+        time.sleep(0.2)  # the sampler has made its tickers
+
+        def perf_fds():
+            fds = os.listdir("/proc/self/fd")
+            return [n for n in fds if "perf_event" in os.path.realpath(f"/proc/self/fd/{n}")]
+
+        from asgi_pprof import cputicks
+        assert cputicks.source() != "perf" or perf_fds(), "no perf events to inherit"
         pid = os.fork()
         if pid == 0:
             # The child: no sampler thread, no timers, its own switch interval back.
             assert not s.running and s._thread is None, "sampler state inherited"
+            # Inherited perf events watch the parent's threads: closed at once.
+            assert not perf_fds(), perf_fds()
             assert sys.getswitchinterval() == before, sys.getswitchinterval()
             c2 = s.subscribe()  # and it can profile on its own
             end = time.thread_time() + 0.1
@@ -428,7 +426,7 @@ def test_first_capture_does_not_stall_the_loop() -> None:
     # thread (what one callback held the loop for, whatever else the machine runs). Before
     # the fix the first capture imported anyio's thread backend on the loop: a 43-62 ms
     # stall. `make bench` prints the wall-clock lag beside it.
-    proc = _run_python(
+    proc = run_python(
         """
         import asyncio, time
         from asyncio import events
