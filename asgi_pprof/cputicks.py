@@ -42,7 +42,10 @@ PERF_SIGNAL: int | None = signal.SIGRTMAX - 2 if sys.platform.startswith("linux"
 ticks of several threads queue instead of merging (a POSIX timer queues its own, so
 SIGPROF suffices there). The sampler thread blocks it; it is never sent to another thread."""
 
-TICK_SIGNALS = tuple(s for s in (TIMER_SIGNAL, PERF_SIGNAL) if s is not None)
+TICK_SIGNALS = tuple(s for s in (TIMER_SIGNAL, PERF_SIGNAL, signal.SIGIO) if s is not None)
+"""What the sampler thread blocks and reads. SIGIO: where a real-time signal cannot be
+queued (``RLIMIT_SIGPENDING`` reached), the kernel sends a plain SIGIO instead, whose
+default action ends the process; read, it is a lost tick."""
 
 _SIGEV_THREAD_ID = 4
 _SI_TIMER = -2
