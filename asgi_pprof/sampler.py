@@ -325,6 +325,9 @@ class Sampler:
             if cap.timeline is not None:
                 cap.timeline.append((time.perf_counter_ns(), self._main_ident or 0, stack))
         self.ticks += 1
+        ticker = self._main_timer
+        if ticker is not None:
+            ticker.rearm()
 
     def _use_signal_for_main(self) -> None:
         # Under self._lock. Only on the main thread, only with the timers available, and
@@ -497,6 +500,8 @@ class Sampler:
                 ticks = self._read_ticks(fd, keys)
                 if ticks:
                     self._deliver(ticks, stacks, labels)
+                    for ident in ticks:
+                        tickers[ident][1].rearm()
                 del stacks
         finally:
             for _, ticker in tickers.values():

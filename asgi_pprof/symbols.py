@@ -13,7 +13,7 @@ import threading
 
 from .model import Frame
 
-__all__ = ["BASE", "address_of", "entry_of", "lookup"]
+__all__ = ["BASE", "address_of", "entry_of", "function_id", "lookup"]
 
 BASE = 0x10000000
 """Start of the synthetic address space (above 0, so no address is ever 0)."""
@@ -24,7 +24,8 @@ _ids: dict[tuple[str, str, int], int] = {}
 _names: list[str] = []
 
 
-def _function_id(frame: Frame) -> int:
+def function_id(frame: Frame) -> int:
+    """Return the process-wide id (0, 1, ...) of ``frame``'s function (name, file, first line)."""
     key = (frame.function, frame.filename, frame.start_line)
     fid = _ids.get(key)
     if fid is None:
@@ -39,7 +40,7 @@ def _function_id(frame: Frame) -> int:
 
 def entry_of(frame: Frame) -> int:
     """Return the address where ``frame``'s function starts."""
-    return BASE + (_function_id(frame) << _BLOCK_SHIFT)
+    return BASE + (function_id(frame) << _BLOCK_SHIFT)
 
 
 def address_of(frame: Frame) -> int:

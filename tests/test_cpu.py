@@ -128,60 +128,32 @@ async def test_two_threads_at_a_known_ratio(
     assert three / 1e3 == pytest.approx(truth["three_parts_worker"], rel=0.15)
 
 
-_EVENT_LOOP = """
-import asyncio, json, threading
-import httpx
-from asgi_pprof import builder
-from tests import workloads
-from tests.conftest import mounted
-from tests.test_cpu import cpu_ms, leaf_ms, thread_ms
-
-async def main():
+async def test_event_loop_short_bursts_split_3_to_1(dense: httpx.AsyncClient) -> None:
+    """The loop thread (main) alternates 3 ms alpha, 1 ms beta, a 2 ms sleep."""
+    assert threading.current_thread() is threading.main_thread()
     done = False
 
-    async def bursts():
+    async def bursts() -> None:
         while not done:
             workloads.alpha_burst()
             workloads.beta_burst()
             await asyncio.sleep(0.002)
 
-    transport = httpx.ASGITransport(app=mounted(sample_hz=250))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-        task = asyncio.create_task(bursts())
-        r = await c.get("/debug/pprof/profile?seconds=30", timeout=90)
+    task = asyncio.create_task(bursts())
+    try:
+        # 30 s: each sample is alpha or beta, so the split carries binomial noise; with
+        # ~4800 samples its spread is ~3 %, and 10 % is a safe three of those.
+        data = await fetch_profile(dense, 30)
+    finally:
         done = True
         await task
-    assert r.status_code == 200, r.text
-    data = builder.decode(r.content)
     main = threading.main_thread().name
-    return {
-        "alpha": cpu_ms(data, "alpha_burst", main),
-        "beta": cpu_ms(data, "beta_burst", main),
-        "idle": leaf_ms(data, r"select|_run_once|sleep", main),
-        "thread": thread_ms(data, main),
-    }
-
-print(json.dumps(asyncio.run(main())))
-"""
-
-
-def test_event_loop_short_bursts_split_3_to_1() -> None:
-    """The loop thread (main) alternates 3 ms alpha, 1 ms beta, a 2 ms sleep.
-
-    Through the endpoint, in a fresh interpreter: under coverage.py's C tracer (``make
-    test`` runs the suite under it) perf ticks on the main thread read this split as
-    0.8-2.5:1 (a plain ``sys.settrace`` tracer: 3.0-3.1; POSIX timers: 2.8-3.1), a bias
-    we have measured but not explained; it is stated in the README.
-    """
-    proc = run_python(_EVENT_LOOP)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    # 30 s: each sample is alpha or beta, so the split carries binomial noise; with
-    # ~4800 samples its spread is ~3 %, and 10 % is a safe three of those.
-    print(f"\nevent loop alpha/beta = {got['alpha'] / got['beta']:.2f} (true 3.0)")
-    assert got["alpha"] / got["beta"] == pytest.approx(3.0, rel=0.10)
+    alpha, beta = cpu_ms(data, "alpha_burst", main), cpu_ms(data, "beta_burst", main)
+    print(f"\nevent loop alpha/beta = {alpha / beta:.2f} (true 3.0)")
+    assert alpha / beta == pytest.approx(3.0, rel=0.10)
     # Idle is not CPU: the loop's select/sleep lines carry little.
-    assert got["idle"] < 0.10 * got["thread"]
+    idle = leaf_ms(data, r"select|_run_once|sleep", main)
+    assert idle < 0.10 * thread_ms(data, main)
 
 
 _OTHER_THREAD = """

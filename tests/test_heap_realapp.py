@@ -38,10 +38,11 @@ def test_realapp_heap_at_16_frames_is_fast_and_holds_none_of_ours() -> None:
     print(json.dumps(got, indent=1))
     assert got["stacks"] > 10_000, "not a heap of realistic size"
     # CPU seconds of the process per request, not wall time: other jobs on a shared
-    # 2-core CI stretch wall time 2-3x. Loose bounds, 5x the targets (5 s first, 2 s
-    # later); before this change the first took 48-54 s and later ones 9-21 s.
-    assert got["cpu"][0] < 25, got
-    assert min(got["cpu"][1:]) < 10, got
+    # 2-core CI stretch wall time 2-3x. The issue's targets are 5 s first, 2 s later;
+    # measured here 6.2-7.9 s and 3.0-3.6 s with the C encoder (12-16 s and 8-11 s
+    # without it; 48-54 s and 9-21 s before issue 8). Bounds: twice what was measured.
+    assert got["cpu"][0] < 16, got
+    assert min(got["cpu"][1:]) < 8, got
     # Our own allocations exist (tracemalloc's own view) but are out of the profile,
     # counted in the trailer instead.
     assert got["own_truth"] > 0

@@ -1,0 +1,16 @@
+from collections.abc import Callable, Sequence
+
+from .model import Frame, Sample
+
+def samples(
+    samples: Sequence[Sample],
+    locations: dict[Frame, bytes],
+    location: Callable[[Frame], bytes],
+    labels: dict[tuple[str, str], bytes],
+    label: Callable[[tuple[str, str]], bytes],
+    strings: Callable[[str], int],
+    /,
+) -> bytes: ...
+def varint(n: int, /) -> bytes: ...
+def location(id: int, address: int, function_id: int, line: int, /) -> bytes: ...
+def function(id: int, name: int, filename: int, start_line: int, /) -> bytes: ...
