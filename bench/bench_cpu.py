@@ -18,7 +18,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asgi_pprof import create_app
+from asgi_pprof import cputicks, create_app
 from asgi_pprof.frames import current_stacks, resolve
 from asgi_pprof.sampler import get_sampler
 from bench.common import LagMonitor, RefServer, ab_rounds, during, measure, med, report
@@ -123,7 +123,10 @@ def loop_lag() -> None:
     print(f"  no capture   max lag ms {med(base)}")
     print(f"  capturing    max lag ms {med(cap)}  (capture + encode + gzip)")
     s = get_sampler(100, 0.0001)
-    print(f"  sampler mode: {s.mode}; ticks {s.ticks}; overruns {s.overruns}")
+    print(
+        f"  sampler mode: {s.mode} ({cputicks.source()} ticks); "
+        f"ticks {s.ticks}; overruns {s.overruns}"
+    )
 
 
 def _fixed_work(threads: int, work: int) -> tuple[float, float]:
@@ -151,6 +154,7 @@ def _fixed_work(threads: int, work: int) -> tuple[float, float]:
 def capture_cost_on_threads() -> None:
     print("== fixed CPU work on 1 and on 2 GIL-contended threads, without vs with a capture")
     print("   (100 Hz; 'adaptive' = today's sampler, 'always low' = 0.1 ms held all capture long)")
+    print(f"   ticks from: {cputicks.source()} (perf task-clock events, else POSIX CPU timers)")
     s = get_sampler(100, 0.0001)
     saved = sys.getswitchinterval()
     for threads in (1, 2):
