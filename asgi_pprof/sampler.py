@@ -484,7 +484,12 @@ class Sampler:
                         tickers[ident] = (tid, ticker)
                         keys[ticker.key] = ident
                         next_key += 1
-                    if targets and not tickers and self._main_timer is None:
+                    if (
+                        any(tid != my_tid for tid in targets.values())
+                        and not tickers
+                        and self._main_timer is None
+                        and self._captures  # else the main timer was not wanted
+                    ):
                         # Every ticker failed (a sandbox, an old kernel): an empty profile
                         # would look like an idle process. Fall back, loudly.
                         raise OSError(ctypes.get_errno(), "no CPU ticker for any thread")

@@ -102,6 +102,37 @@ def test_an_exit_during_a_capture_is_clean() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_short_captures_in_a_lone_main_thread_keep_the_ticks() -> None:
+    # A capture that ends while the sampler rescans, just as the only other thread
+    # exits, leaves no ticker: that is not "every ticker failed" (which falls back to
+    # polling for good).
+    proc = run_python(
+        """
+        import random, threading, time
+        from asgi_pprof.sampler import get_sampler
+
+        def burn():
+            end = time.thread_time() + random.uniform(0, 0.06)
+            while time.thread_time() < end:
+                pass
+
+        s = get_sampler(100, 0.0001)
+        for i in range(150):
+            cap = s.subscribe()
+            t = threading.Thread(target=burn)
+            t.start()
+            t.join()
+            s.unsubscribe(cap)  # as soon as the only other thread has gone
+            if i % 2:
+                s.release_signal()
+        print("mode", s.mode)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mode timers" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_fork_during_a_capture_leaves_the_child_clean() -> None:
     proc = run_python(
         """
