@@ -281,8 +281,12 @@ def test_inuse_space_of_big_blocks_and_small_objects_within_sampling_error(
     labels = {s.num_labels for s in data.samples if any("hold_big" in f.function for f in s.stack)}
     assert (("bytes", MiB + 1, ""),) in labels  # bytearray(n) asks for n + 1 bytes
 
-    # Released memory leaves inuse; alloc_* stay (cumulative, as Go's).
+    # Released memory leaves inuse; alloc_* stay (cumulative, as Go's). A collection
+    # first, as Go's tests run runtime.GC() before reading a heap profile: once in the
+    # full 3.13 suite one sampled 1 KiB object outlived the del (16 426 B left), which
+    # no rerun reproduced; if a cycle elsewhere held it, it is gone after this.
     del big, small
+    gc.collect()
     after = memprofile.profile_data("inuse_space")
     assert through(after, "hold_big_blocks", inuse) == 0
     assert through(after, "hold_small_objects", inuse) == 0
