@@ -178,7 +178,10 @@ def alive(pid: int) -> bool:
 def restarted_pids_are_merged(base: str, first: set[int]) -> None:
     """After --max-requests replaced the workers: the new ones are merged, the old forgotten."""
     for _ in range(40):  # 15 requests per worker: both restart at least once
-        httpx.get(base + "/pid", timeout=10)
+        # A worker past its --max-requests may close a connection mid-request (seen once
+        # on 3.13: connection reset): these requests only drive the restarts.
+        with contextlib.suppress(httpx.TransportError):
+            httpx.get(base + "/pid", timeout=10)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         r = httpx.get(base + "/debug/pprof/goroutine?debug=1", headers=AUTH, timeout=30)
