@@ -62,16 +62,6 @@ def _load_wire() -> types.ModuleType | None:
 _wire = _load_wire()
 
 
-def _uvarint(n: int) -> bytes:
-    """Return ``n`` (0 <= n < 2**64) as a protobuf varint."""
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _header(data: ProfileData, strings: _Strings) -> pb.Profile:
     """Return the profile's message without its samples, locations, functions and strings."""
     out = pb.Profile()
@@ -200,7 +190,8 @@ def _native_bytes(data: ProfileData, wire: types.ModuleType) -> bytes:
 
     def label_field(lab: tuple[str, str]) -> bytes:
         raw = _label(strings, lab).SerializeToString()
-        return b"\x1a" + _uvarint(len(raw)) + raw
+        size: bytes = wire.varint(len(raw))
+        return b"\x1a" + size + raw
 
     # In slices: one C call holds the GIL throughout (~1 us a sample), and the event
     # loop must get it back within a switch interval or so, not after 40 000 samples.
