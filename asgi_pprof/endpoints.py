@@ -396,6 +396,8 @@ class Endpoints:
         debug = atoi(first(request.query_params, "debug"))
         if debug != 0 and fmt is None:
             return _text(await prof.text(debug, gc=run_gc))
+        if fmt is None:
+            return _binary(await prof.encoded(gc=run_gc), name)
         data = await prof.collect(gc=run_gc)
         return await _respond(data, name, fmt, request)
 

@@ -62,6 +62,10 @@ class MemoryProfile(NamedProfile):
         """Return the profile from the source that answers now."""
         return await self._now().collect(gc=gc)
 
+    async def encoded(self, *, gc: bool = False) -> bytes:
+        """Return the gzipped profile.proto from the source that answers now."""
+        return await self._now().encoded(gc=gc)
+
     async def text(self, debug: int, *, gc: bool = False) -> str:
         """Return the ``debug>=1`` text (its trailer names the source)."""
         return await self._now().text(debug, gc=gc)

@@ -37,9 +37,10 @@ import threading
 import time
 import tracemalloc
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from .concurrency import yield_gil
 from .model import Frame, ProfileData, Sample, Stack, ValueType, function_name
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "SAMPLE_TYPES",
     "Record",
     "available",
+    "iter_records",
     "memory_profile_rate",
     "profile_data",
     "records",
@@ -82,19 +84,8 @@ SAMPLE_TYPES = [
 ]
 PERIOD_TYPE = ValueType("space", "bytes")
 
-_CHUNK = 512
+_CHUNK = 256
 """Buckets read per native call; the GIL is offered to other threads between calls."""
-
-
-def yield_gil() -> None:
-    """Let a thread waiting for the GIL (the event loop) take it now.
-
-    A worker thread converting a big table holds the GIL for the switch interval (5 ms)
-    at a time, and the loop, which drops it for every poll, waits that long each time it
-    wants it back: stalls add up to tens of ms. Offering it every ~0.5 ms of work bounds
-    the loop's wait by that.
-    """
-    time.sleep(0)
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -282,24 +273,32 @@ def _stack(native: Any, sid: int, generation: int) -> Stack:
     return st
 
 
-def records() -> list[Record]:
-    """Return every bucket of the table (raw counts), read in short native calls."""
+def iter_records() -> Iterator[Record]:
+    """Yield every bucket of the table (raw counts), read in short native calls.
+
+    The GIL is offered to other threads between calls; nothing holds the whole table
+    (freeing 100 000 records at once held the GIL ~8 ms).
+    """
     if _native is None:
-        return []
+        return
     _rehook()
     native = _native
     generation = native.stats()["generation"]
-    out: list[Record] = []
     start = 0
     while True:
         chunk = native.buckets(start, _CHUNK)
         for sid, size, rate, allocs, alloc_bytes, frees, free_bytes in chunk:
             st = _stack(native, sid, generation)
-            out.append(Record(st, size, rate, allocs, alloc_bytes, frees, free_bytes))
+            yield Record(st, size, rate, allocs, alloc_bytes, frees, free_bytes)
         if len(chunk) < _CHUNK:
-            return out
+            return
         start += _CHUNK
         yield_gil()
+
+
+def records() -> list[Record]:
+    """Return every bucket of the table (raw counts)."""
+    return list(iter_records())
 
 
 def scale_heap_sample(count: int, size: int, rate: int) -> tuple[int, int]:
@@ -333,9 +332,7 @@ def profile_data(default_sample_type: str) -> ProfileData:
     """
     rate = memory_profile_rate()
     samples = []
-    for i, r in enumerate(records()):
-        if i % 1024 == 1023:
-            yield_gil()
+    for r in iter_records():
         ao, ab = scale_heap_sample(r.allocs, r.alloc_bytes, r.rate)
         io, ib = scale_heap_sample(r.allocs - r.frees, r.alloc_bytes - r.free_bytes, r.rate)
         size = r.block_size

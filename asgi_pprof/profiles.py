@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import time
 
+from . import builder
 from .concurrency import Window, run_in_thread
 from .model import ProfileData, subtract
 from .text import count_profile_text
@@ -50,6 +51,11 @@ class NamedProfile(abc.ABC):
 
         Raise :class:`ProfileError` for a request it cannot serve.
         """
+
+    async def encoded(self, *, gc: bool = False) -> bytes:
+        """Return the profile now as Go's gzipped profile.proto (``debug=0``'s body)."""
+        data = await self.collect(gc=gc)
+        return await run_in_thread(builder.encode, data)
 
     async def text(self, debug: int, *, gc: bool = False) -> str:
         """Return the ``debug>=1`` text; by default Go's count-profile text."""

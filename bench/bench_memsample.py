@@ -21,13 +21,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, LagMonitor, RefServer, compare_to_base, load, med
+from tests.workloads import distinct_stacks
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 ROUND_S = 1.0 if QUICK else 2.0
@@ -212,16 +212,6 @@ def serve_child() -> None:
     asyncio.run(_serve())
 
 
-def _make_stacks(n: int) -> list[Any]:
-    """Return ``n`` distinct functions (distinct stacks), each allocating 4 sizes."""
-    out = []
-    for i in range(n):
-        ns: dict[str, Any] = {}
-        exec(f"def alloc_{i}():\n    return [bytes(s) for s in (10, 100, 1000, 10000)]", ns)
-        out.append(ns[f"alloc_{i}"])
-    return out
-
-
 async def _serve() -> None:
     from starlette.applications import Starlette
     from starlette.routing import Mount
@@ -242,7 +232,7 @@ async def _serve() -> None:
         kept = []
         for n_funcs in (100, 2_000, 10_000):
             memprofile.set_memory_profile_rate(1)  # every allocation: buckets = stacks x sizes
-            for fn in _make_stacks(n_funcs):
+            for fn in distinct_stacks(n_funcs):
                 kept.append(fn())
             memprofile.set_memory_profile_rate(0)
             buckets = memprofile.stats()["buckets"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -11,6 +13,17 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from asgi_pprof import create_app
+
+
+def distinct_stacks(n: int) -> list[Callable[[], list[bytes]]]:
+    """Return ``n`` distinct functions (``spread_<i>``: one stack each), each allocating
+    four sizes (10, 100, 1000 and 10000 bytes): a big memory profile table on demand."""
+    out = []
+    for i in range(n):
+        ns: dict[str, Any] = {}
+        exec(f"def spread_{i}():\n    return [bytes(s) for s in (10, 100, 1000, 10000)]", ns)
+        out.append(ns[f"spread_{i}"])
+    return out
 
 
 def spin_cpu(seconds: float) -> None:
