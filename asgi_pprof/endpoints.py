@@ -81,8 +81,44 @@ def serve_error(status: int, text: str, headers: dict[str, str] | None = None) -
     )
 
 
-def _text(body: str | bytes) -> Response:
+def _text(body: str | bytes | list[bytes]) -> Response:
+    if isinstance(body, list):
+        return PiecesResponse(body, media_type=_TEXT, headers=dict(_NOSNIFF))
     return Response(body, media_type=_TEXT, headers=dict(_NOSNIFF))
+
+
+class PiecesResponse(Response):
+    """A body kept in pieces and sent one piece per ASGI message, never joined.
+
+    The loop then copies one piece at a time into the transport, with the server's flow
+    control between pieces, where one 140 MB body was a single copy on the loop.
+    ``body`` joins them, for the few readers that want it whole (merging workers' texts).
+    """
+
+    def __init__(self, pieces: list[bytes], media_type: str, headers: dict[str, str]) -> None:
+        total = sum(len(p) for p in pieces)
+        super().__init__(
+            None, media_type=media_type, headers={**headers, "Content-Length": str(total)}
+        )
+        self.pieces = pieces
+
+    @property
+    def body(self) -> bytes:
+        """Return the whole body (joined now)."""
+        return b"".join(getattr(self, "pieces", ()))
+
+    @body.setter
+    def body(self, value: bytes | memoryview) -> None:
+        self.pieces = [bytes(value)] if value else []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        pieces = self.pieces or [b""]
+        last = len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": i < last})
 
 
 def _binary(body: bytes, filename: str) -> Response:

@@ -66,7 +66,7 @@ class MemoryProfile(NamedProfile):
         """Return the gzipped profile.proto from the source that answers now."""
         return await self._now().encoded(gc=gc)
 
-    async def text(self, debug: int, *, gc: bool = False) -> str:
+    async def text(self, debug: int, *, gc: bool = False) -> str | list[bytes]:
         """Return the ``debug>=1`` text (its trailer names the source)."""
         return await self._now().text(debug, gc=gc)
 

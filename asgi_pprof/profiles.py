@@ -57,8 +57,11 @@ class NamedProfile(abc.ABC):
         data = await self.collect(gc=gc)
         return await run_in_thread(builder.encode, data)
 
-    async def text(self, debug: int, *, gc: bool = False) -> str:
-        """Return the ``debug>=1`` text; by default Go's count-profile text."""
+    async def text(self, debug: int, *, gc: bool = False) -> str | list[bytes]:
+        """Return the ``debug>=1`` text; by default Go's count-profile text.
+
+        A big text may come as its UTF-8 bytes in pieces, sent one after the other.
+        """
         data = await self.collect(gc=gc)
         return await run_in_thread(count_profile_text, self.name, data)
 

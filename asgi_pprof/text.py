@@ -28,40 +28,49 @@ def tabwrite(text: str) -> str:
     trailing = lines.pop() if lines else ""
     cells = [ln.split("\t") for ln in lines]
     out: list[str] = []
-    widths: list[int] = []
-
-    def write_lines(start: int, end: int) -> None:
-        for row in cells[start:end]:
-            parts: list[str] = []
-            for j, c in enumerate(row):
-                if j < len(widths) and j < len(row) - 1:
-                    cellw = -(-widths[j] // _TABWIDTH) * _TABWIDTH
-                    parts.append(c + "\t" * -(-(cellw - len(c)) // _TABWIDTH))
-                else:
-                    parts.append(c)
-            out.append("".join(parts) + "\n")
-
-    def fmt(line0: int, line1: int) -> None:
-        column = len(widths)
-        this = line0
-        while this < line1:
-            if column >= len(cells[this]) - 1:
-                this += 1
-                continue
-            write_lines(line0, this)
-            line0 = this
-            width = _MINWIDTH
-            while this < line1 and column < len(cells[this]) - 1:
-                width = max(width, len(cells[this][column]) + _PADDING)
-                this += 1
-            widths.append(width)
-            fmt(line0, this)
-            widths.pop()
-            line0 = this
-        write_lines(line0, line1)
-
-    fmt(0, len(cells))
+    _format(cells, [], out, 0, len(cells))
     return "".join(out) + trailing
+
+
+# Plain functions with their state passed in, not closures: a recursive closure is a
+# reference cycle, and each call left ~15 objects for the collector (450 000 young
+# objects, a 200-300 ms collection, after the text of a 100 000-record heap).
+
+
+def _write_lines(
+    cells: list[list[str]], widths: list[int], out: list[str], start: int, end: int
+) -> None:
+    for row in cells[start:end]:
+        parts: list[str] = []
+        for j, c in enumerate(row):
+            if j < len(widths) and j < len(row) - 1:
+                cellw = -(-widths[j] // _TABWIDTH) * _TABWIDTH
+                parts.append(c + "\t" * -(-(cellw - len(c)) // _TABWIDTH))
+            else:
+                parts.append(c)
+        out.append("".join(parts) + "\n")
+
+
+def _format(
+    cells: list[list[str]], widths: list[int], out: list[str], line0: int, line1: int
+) -> None:
+    column = len(widths)
+    this = line0
+    while this < line1:
+        if column >= len(cells[this]) - 1:
+            this += 1
+            continue
+        _write_lines(cells, widths, out, line0, this)
+        line0 = this
+        width = _MINWIDTH
+        while this < line1 and column < len(cells[this]) - 1:
+            width = max(width, len(cells[this][column]) + _PADDING)
+            this += 1
+        widths.append(width)
+        _format(cells, widths, out, line0, this)
+        widths.pop()
+        line0 = this
+    _write_lines(cells, widths, out, line0, line1)
 
 
 def go_quote(s: str) -> str:

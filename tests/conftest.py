@@ -13,9 +13,12 @@ import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
+import anyio
 import httpx
 import pytest
 import uvicorn
@@ -169,3 +172,83 @@ def go_tool() -> Any:
     """The ``go_pprof`` runner, after checking go is there."""
     go_binary()
     return go_pprof
+
+
+# --- a raw ASGI client -------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    status: int | None  # None: the app sent nothing
+    headers: dict[str, str]
+    body: bytes
+    seconds: float
+    parts: list[bytes]  # the body as the app sent it, one item per message
+
+
+async def asgi_call(
+    app: Any,
+    method: str,
+    target: bytes,
+    body: bytes = b"",
+    *,
+    chunk: int = 65536,
+    disconnect_after: float | None = None,
+    stall_body: bool = False,
+) -> Result:
+    """Call ``app`` with a raw request target; disconnect after ``disconnect_after`` s.
+
+    ``stall_body`` sends only the first body chunk and then disconnects (a client that
+    leaves mid-POST).
+    """
+    raw_path, _, query = target.partition(b"?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": unquote_to_bytes(raw_path).decode("utf-8", "replace"),
+        "raw_path": raw_path,
+        "query_string": query,
+        "root_path": "",
+        "headers": [(b"host", b"test"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    if stall_body:
+        chunks = chunks[:1]
+    done = anyio.Event()
+    status: list[int] = []
+    headers: dict[str, str] = {}
+    parts: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            c = chunks.pop(0)
+            more = bool(chunks) or stall_body
+            return {"type": "http.request", "body": c, "more_body": more}
+        if stall_body:
+            await anyio.sleep(0.01)
+            return {"type": "http.disconnect"}
+        if disconnect_after is not None:
+            with anyio.move_on_after(max(0.0, disconnect_after - (time.monotonic() - t0))):
+                await done.wait()
+        else:
+            await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+            headers.update((k.decode(), v.decode()) for k, v in message["headers"])
+        elif message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                done.set()
+
+    t0 = time.monotonic()
+    await app(scope, receive, send)
+    took = time.monotonic() - t0
+    return Result(status[0] if status else None, headers, b"".join(parts), took, parts)

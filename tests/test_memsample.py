@@ -32,7 +32,7 @@ from asgi_pprof.model import ProfileData
 from asgi_pprof.options import Options
 from asgi_pprof.sampled_heap import SampledAllocsProfile, SampledHeapProfile
 from asgi_pprof.sampler import sample_stack
-from tests.conftest import MOUNT, ServerThread
+from tests.conftest import MOUNT, ServerThread, asgi_call
 from tests.workloads import distinct_stacks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -463,6 +463,39 @@ async def test_a_big_table_is_encoded_and_freed_unseen_by_any_collection(
     key = lambda s: repr((s.stack, s.num_labels, s.values[:2]))  # noqa: E731
     assert sorted(map(key, builder.decode(body).samples)) == sorted(map(key, first.samples))
     assert len(kept) == 3000
+
+
+@native
+async def test_a_big_heap_text_goes_in_pieces_and_leaves_nothing_to_collect(
+    sampling: Callable[[int], None],
+) -> None:
+    # A 140 MB text was one join and one encode in the worker and one copy on the loop;
+    # Go's tabwriter, as recursive closures, left ~15 objects per stack for the collector.
+    sampling(1)
+    kept = [fn() for fn in distinct_stacks(1500)]
+    memprofile.set_memory_profile_rate(0)
+    app = app_with_sampled()
+    await asgi_call(app, "GET", f"{MOUNT}/heap?debug=1".encode())  # names the stacks
+    gc.collect()
+    gc.disable()
+    try:
+        got = await asgi_call(app, "GET", f"{MOUNT}/heap?debug=1".encode())
+        garbage = gc.collect()
+    finally:
+        gc.enable()
+    print("unreachable objects a big text left:", garbage)
+    assert garbage < 1000  # 1 500 stacks: ~22 000 before
+    text = got.body
+    assert int(got.headers["content-length"]) == len(text) > 2 * sampled_heap._TEXT_PIECE
+    assert len(got.parts) >= len(text) // (2 * sampled_heap._TEXT_PIECE)
+    assert max(map(len, got.parts)) < 2 * sampled_heap._TEXT_PIECE
+    assert text.startswith(b"heap profile: ")
+    assert b"spread_1499+0x" in text
+    assert b"\n# source = sampled allocations" in text
+    head = await asgi_call(app, "HEAD", f"{MOUNT}/heap?debug=1".encode())
+    assert head.body == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert len(kept) == 1500
 
 
 def test_gzip_in_pieces_is_gzip() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 from pathlib import Path
@@ -68,3 +69,17 @@ def test_tabwrite_matches_go(tmp_path: Path) -> None:
     expected = json.loads(out.stdout)
     for text, want in zip(INPUTS, expected, strict=True):
         assert tabwrite(text) == want, text
+
+
+def test_tabwrite_leaves_nothing_for_the_collector() -> None:
+    # Recursive closures are reference cycles: each call left ~15 objects that only a
+    # collection frees (450 000 after one big heap text: a 200-300 ms collection).
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(200):
+            tabwrite(f"#\t0x{i:x}\tf{i}+0x1\tfile.py:{i}\n#\t0x1\tg+0x2\tother.py:1\n")
+        left = gc.collect()
+    finally:
+        gc.enable()
+    assert left == 0
