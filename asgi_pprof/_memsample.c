@@ -79,7 +79,6 @@ typedef struct {
     uint64_t hash;
     ms_frame *frames; /* own malloc block, never moved: readable outside the lock */
     uint32_t n;
-    PyObject *cached; /* the Python tuple, made on first read */
 } ms_stack;
 
 typedef struct {
@@ -365,7 +364,6 @@ static int stack_push(const ms_frame *f, uint32_t n, uint64_t h) {
     stacks[nstacks].hash = h;
     stacks[nstacks].frames = copy;
     stacks[nstacks].n = n;
-    stacks[nstacks].cached = NULL;
     return (int)nstacks++;
 }
 
@@ -864,17 +862,13 @@ static PyObject *py_stack(PyObject *self, PyObject *arg) {
         PyErr_SetString(PyExc_IndexError, "no such stack");
         return NULL;
     }
-    PyObject *cached = stacks[id].cached;
-    Py_XINCREF(cached);
     ms_frame *frames = stacks[id].frames;
     uint32_t n = stacks[id].n;
     snapshot_readers++;
     pthread_mutex_unlock(&lock);
-    if (cached != NULL) {
-        snapshot_readers--;
-        return cached;
-    }
-    /* `frames` is stable: a stack's frames never move, and reset waits for readers. */
+    /* `frames` is stable: a stack's frames never move, and reset waits for readers. Not
+     * cached here: the caller keeps what it makes of it, and a cached tuple per stack
+     * (and one per frame) would be long-lived objects for every collection to scan. */
     PyObject *t = PyTuple_New(n);
     for (uint32_t i = 0; t != NULL && i < n; i++) {
         PyObject *item = Py_BuildValue("(OOi)", frames[i].code,
@@ -886,15 +880,6 @@ static PyObject *py_stack(PyObject *self, PyObject *arg) {
         PyTuple_SET_ITEM(t, i, item);
     }
     snapshot_readers--;
-    if (t == NULL) {
-        return NULL;
-    }
-    pthread_mutex_lock(&lock);
-    if (id < nstacks && stacks[id].cached == NULL) {
-        Py_INCREF(t);
-        stacks[id].cached = t;
-    }
-    pthread_mutex_unlock(&lock);
     return t;
 }
 
@@ -940,7 +925,6 @@ static PyObject *py_reset(PyObject *self, PyObject *unused) {
             Py_DECREF(old_stacks[i].frames[k].code);
             Py_XDECREF(old_stacks[i].frames[k].module);
         }
-        Py_XDECREF(old_stacks[i].cached);
         free(old_stacks[i].frames);
     }
     free(old_stacks);

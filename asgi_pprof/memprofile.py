@@ -250,6 +250,11 @@ class Record:
 
 _OVERFLOW = (Frame("asgi_pprof.<memory profile stack table full>", "", 0, 0),)
 _stacks: dict[int, Stack] = {}
+_frames: dict[tuple[int, object, int], Frame] = {}
+"""One Frame per (code object, module name, line) of the table: stacks share their frames,
+so naming a new stack makes about one new object per new line, not one per frame (each
+object made is one more for every later collection to scan). Keyed by the code object's
+id: the native table holds every code object of a generation alive."""
 _stacks_generation = -1
 
 
@@ -257,6 +262,7 @@ def _stack(native: Any, sid: int, generation: int) -> Stack:
     global _stacks_generation
     if generation != _stacks_generation:
         _stacks.clear()
+        _frames.clear()
         _stacks_generation = generation
     st = _stacks.get(sid)
     if st is None:
@@ -264,11 +270,16 @@ def _stack(native: Any, sid: int, generation: int) -> Stack:
         if raw is None:
             st = _OVERFLOW
         else:
-            # Named exactly as the CPU profile names a live frame (model.frame_of).
-            st = tuple(
-                Frame(function_name(code, mod), code.co_filename, code.co_firstlineno, line)
-                for code, mod, line in raw
-            )
+            frames = []
+            for code, mod, line in raw:
+                key = (id(code), mod, line)
+                f = _frames.get(key)
+                if f is None:
+                    # Named exactly as the CPU profile names a live frame (model.frame_of).
+                    name = function_name(code, mod)
+                    f = _frames[key] = Frame(name, code.co_filename, code.co_firstlineno, line)
+                frames.append(f)
+            st = tuple(frames)
         _stacks[sid] = st
     return st
 

@@ -442,6 +442,10 @@ async def test_a_big_table_is_encoded_and_freed_unseen_by_any_collection(
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         first = builder.decode((await client.get(f"{MOUNT}/heap")).content)
         assert len(first.samples) >= 9000  # it filled the stack and location caches: once
+        # Stacks share their frames' objects: naming a stack makes one per new line only.
+        spread = [r.stack for r in memprofile.records() if "spread_" in r.stack[0].function]
+        assert len({id(st[-1]) for st in spread}) == 1
+        assert len({id(f) for st in spread for f in st}) < 3 * 3000
         gc.collect()
         runs: list[int] = []
 
