@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 import time
 
-from . import builder
 from .concurrency import Window, run_in_thread
 from .model import ProfileData, subtract
 from .text import count_profile_text
@@ -19,6 +18,14 @@ __all__ = ["DELTA_PROFILES", "NamedProfile", "ProfileError"]
 
 DELTA_PROFILES = frozenset({"allocs", "block", "goroutine", "heap", "mutex", "threadcreate"})
 """Go's set of profiles that accept ``seconds=N`` (delta profiles)."""
+
+
+def _encode(data: ProfileData) -> bytes:
+    # Imported here, in the worker thread: protobuf's import is ~30 ms, and this module
+    # is imported on the event loop (limits, options) by captures that never encode.
+    from . import builder
+
+    return builder.encode(data)
 
 
 class ProfileError(Exception):
@@ -55,7 +62,7 @@ class NamedProfile(abc.ABC):
     async def encoded(self, *, gc: bool = False) -> bytes:
         """Return the profile now as Go's gzipped profile.proto (``debug=0``'s body)."""
         data = await self.collect(gc=gc)
-        return await run_in_thread(builder.encode, data)
+        return await run_in_thread(_encode, data)
 
     async def text(self, debug: int, *, gc: bool = False) -> str | list[bytes]:
         """Return the ``debug>=1`` text; by default Go's count-profile text.
