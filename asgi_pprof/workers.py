@@ -399,10 +399,17 @@ async def fan_out(
         bodies = {p: a.body for p, a in ok.items()}
         body = await run_in_thread(_merge, bytes(response.body), me, bodies, notes)
     elif ctype.startswith("text/plain"):
-        parts = [f"# worker pid {me}\n".encode() + bytes(response.body)]
-        parts += [f"# worker pid {p}\n".encode() + a.body for p, a in ok.items()]
-        parts += [f"# {n}\n".encode() for n in notes]
-        body = b"\n".join(parts)
+        from .endpoints import PiecesResponse
+
+        # Sections one after the other, never joined (a big heap text is sent in pieces).
+        mine: list[bytes] = getattr(response, "pieces", None) or [bytes(response.body)]
+        sections = [[f"# worker pid {me}\n".encode(), *mine]]
+        sections += [[f"# worker pid {p}\n".encode(), a.body] for p, a in ok.items()]
+        sections += [[f"# {n}\n".encode()] for n in notes]
+        pieces = [piece for i, sec in enumerate(sections) for piece in ([b"\n"] if i else []) + sec]
+        headers = _keep(dict(response.headers))
+        headers["x-asgi-pprof-workers"] = f"{len(ok) + 1}/{len(peers) + 1}"
+        return PiecesResponse(pieces, media_type=ctype, headers=headers)
     else:
         return response
     headers = _keep(dict(response.headers))

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from asgi_pprof import builder
+from asgi_pprof import builder, memprofile
 from asgi_pprof.model import ProfileData
 from tests.conftest import free_port
 from tests.deploy_helpers import running
@@ -72,7 +72,10 @@ app = Starlette(
     routes=[
         Route("/pid", pid),
         # Nobody by address, only the token: siblings' requests must not need it.
-        Mount("/debug/pprof", app=create_app(allow=[], auth_token="worker-test-token")),
+        Mount(
+            "/debug/pprof",
+            app=create_app(allow=[], auth_token="worker-test-token", memory_profile_rate=65536),
+        ),
     ],
 )
 """
@@ -141,6 +144,12 @@ def test_goroutine_and_cpu_cover_every_worker(kind: str, tmp_path: Path) -> None
             assert f"idle-{pid}-2" in text.text  # each worker's own tasks
         proto = httpx.get(url + "goroutine", headers=AUTH, timeout=30)
         assert pids_with(builder.decode(proto.content), "workers_app_idle") == pids
+        if memprofile.available():  # the sampled heap's text comes in pieces: merged as is
+            heap = httpx.get(url + "heap?debug=1", headers=AUTH, timeout=30)
+            assert heap.headers["x-asgi-pprof-workers"] == "2/2"
+            assert heap.text.count("heap profile: ") == 2
+            assert all(f"# worker pid {pid}\n" in heap.text for pid in pids)
+            assert int(heap.headers["content-length"]) == len(heap.content)
         cpu = httpx.get(url + "profile?seconds=2", headers=AUTH, timeout=60)
         assert cpu.headers["x-asgi-pprof-workers"] == "2/2"
         data = builder.decode(cpu.content)
