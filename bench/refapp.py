@@ -39,3 +39,45 @@ app = Starlette(
         ),
     ]
 )
+
+
+def _leave_out_trace_parts(parts: str) -> None:
+    """BENCH_TRACE_WITHOUT=hook,wall,cpu: captures run without those parts (the trace
+    benchmark's breakdown of what a capture costs the server). Bench only."""
+    import asyncio
+
+    from asgi_pprof import sampler, trace_hook, tracing
+
+    if "wall" in parts:
+        tracing._Recorder._sample = lambda self: self._stop.wait()  # type: ignore[method-assign]
+    if "cpu" in parts:
+
+        class _NoCPU:
+            period_ns = 10_000_000
+
+            def subscribe(self, timeline: bool = False) -> sampler.Capture:
+                return sampler.Capture(period_ns=self.period_ns, timeline=[])
+
+            def unsubscribe(self, cap: sampler.Capture) -> None:
+                pass
+
+            def release_signal(self) -> None:
+                pass
+
+        tracing.get_sampler = lambda hz, si: _NoCPU()  # type: ignore[assignment, return-value]
+    if "hook" in parts:
+
+        def no_hook(rec: trace_hook.StepRecorder, native: bool | None = None) -> trace_hook.Hook:
+            run = asyncio.Handle.__dict__["_run"]
+            return trace_hook.Hook(False, run, run, None, frozenset(), rec)
+
+        trace_hook.install = no_hook  # type: ignore[assignment]
+
+
+_leave_out_trace_parts(os.environ.get("BENCH_TRACE_WITHOUT", ""))
+# BENCH_TRACE_HOOK=python|native: which step hook captures use (default: native if built).
+_hook = os.environ.get("BENCH_TRACE_HOOK", "")
+if _hook:
+    from asgi_pprof import tracing
+
+    tracing._native_hook = _hook == "native"
