@@ -41,43 +41,63 @@ app = Starlette(
 )
 
 
-def _leave_out_trace_parts(parts: str) -> None:
-    """BENCH_TRACE_WITHOUT=hook,wall,cpu: captures run without those parts (the trace
-    benchmark's breakdown of what a capture costs the server). Bench only."""
+_without: set[str] = set()
+"""Parts of the trace that captures leave out (``/bench/trace-variant``)."""
+
+
+def _variants() -> None:
+    """Let ``/bench/trace-variant`` choose what the next captures do (bench only): which
+    step hook (``hook=python|native``) and which parts they leave out (``without=hook,
+    wall,cpu``), so one server process measures every variant, alternated."""
     import asyncio
 
     from asgi_pprof import sampler, trace_hook, tracing
 
-    if "wall" in parts:
-        tracing._Recorder._sample = lambda self: self._stop.wait()  # type: ignore[method-assign]
-    if "cpu" in parts:
+    class _NoCPU:
+        period_ns = 10_000_000
 
-        class _NoCPU:
-            period_ns = 10_000_000
+        def subscribe(self, timeline: bool = False) -> sampler.Capture:
+            return sampler.Capture(period_ns=self.period_ns, timeline=[])
 
-            def subscribe(self, timeline: bool = False) -> sampler.Capture:
-                return sampler.Capture(period_ns=self.period_ns, timeline=[])
+        def unsubscribe(self, cap: sampler.Capture) -> None:
+            pass
 
-            def unsubscribe(self, cap: sampler.Capture) -> None:
-                pass
+        def release_signal(self) -> None:
+            pass
 
-            def release_signal(self) -> None:
-                pass
+    real_sample, real_get_sampler = tracing._Recorder._sample, tracing.get_sampler
+    real_install = trace_hook.install
 
-        tracing.get_sampler = lambda hz, si: _NoCPU()  # type: ignore[assignment, return-value]
-    if "hook" in parts:
+    def sample(self: tracing._Recorder) -> None:
+        if "wall" in _without:
+            self._stop.wait()
+        else:
+            real_sample(self)
 
-        def no_hook(rec: trace_hook.StepRecorder, native: bool | None = None) -> trace_hook.Hook:
+    def get_sampler(hz: int, si: float | None) -> sampler.Sampler:
+        return _NoCPU() if "cpu" in _without else real_get_sampler(hz, si)  # type: ignore[return-value]
+
+    def install(rec: trace_hook.StepRecorder, native: bool | None = None) -> trace_hook.Hook:
+        if "hook" in _without:
             run = asyncio.Handle.__dict__["_run"]
             return trace_hook.Hook(False, run, run, None, frozenset(), rec)
+        return real_install(rec, native)
 
-        trace_hook.install = no_hook  # type: ignore[assignment]
+    tracing._Recorder._sample = sample  # type: ignore[method-assign]
+    tracing.get_sampler = get_sampler  # type: ignore[assignment]
+    trace_hook.install = install  # type: ignore[assignment]
 
 
-_leave_out_trace_parts(os.environ.get("BENCH_TRACE_WITHOUT", ""))
-# BENCH_TRACE_HOOK=python|native: which step hook captures use (default: native if built).
-_hook = os.environ.get("BENCH_TRACE_HOOK", "")
-if _hook:
+async def trace_variant(request: Request) -> JSONResponse:
     from asgi_pprof import tracing
 
-    tracing._native_hook = _hook == "native"
+    _without.clear()
+    _without.update(p for p in request.query_params.get("without", "").split(",") if p)
+    hook = request.query_params.get("hook", "")
+    tracing._native_hook = None if not hook else hook == "native"
+    return JSONResponse({"without": sorted(_without), "hook": hook})
+
+
+if os.environ.get("BENCH_TRACE_VARIANTS"):
+    _variants()
+    app.router.routes.insert(0, Route("/bench/trace-variant", trace_variant))
