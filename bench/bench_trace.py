@@ -22,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,13 +35,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asgi_pprof import tracing
+from asgi_pprof import trace_hook, tracing
 from asgi_pprof.concurrency import SleepWindow
 from asgi_pprof.options import Options
 from bench.common import LagMonitor, RefServer, ab_rounds, during, load, measure, med, report
 
-ROUND_S = 2.5
-ROUNDS = 4
+ROUND_S = 2.0
+ROUNDS = 6
 PATHS = ("/items?n=50", "/hello")
 
 
@@ -82,36 +85,61 @@ def measure_threads(srv: RefServer, path: str, seconds: float) -> dict[str, floa
     }
 
 
-def report_threads(base: list[dict[str, float]], other: list[dict[str, float]]) -> None:
-    """Print medians with spread of both sides, ratios for rps, p99 and CPU per request."""
-    for key in ("rps", "p99_ms", "cpu_us_per_req", "loop_us_per_req", "other_us_per_req"):
-        a = [r[key] for r in base]
-        b = [r[key] for r in other]
-        ma, mb = statistics.median(a), statistics.median(b)
-        tail = f"ratio {mb / ma:.3f}" if ma > 0 else f"+{mb - ma:.1f}"
-        print(f"  {key:17s} no trace {med(a):26s} trace {med(b):26s} {tail}")
+VARIANTS: dict[str, dict[str, str | None]] = {
+    "asyncio": {
+        "no trace": None,
+        "trace, C hook": "hook=native",
+        "trace, Python hook": "hook=python",
+        "trace, C hook only": "hook=native&without=wall,cpu",
+        "trace, samplers only": "without=hook",
+    },
+    "uvloop": {"no trace": None, "trace": ""},
+}
+"""Per loop: what each side of the comparison runs (``/bench/trace-variant``'s query)."""
+
+
+def report_variants(res: dict[str, list[dict[str, float]]]) -> None:
+    """Print medians with spread per variant: CPU per request (and its split), rps, p99."""
+    base = res["no trace"]
+    b_cpu = statistics.median(r["cpu_us_per_req"] for r in base)
+    b_rps = statistics.median(r["rps"] for r in base)
+    for name, rounds in res.items():
+        cpu = [r["cpu_us_per_req"] for r in rounds]
+        rps = [r["rps"] for r in rounds]
+        print(
+            f"  {name:22s} CPU/req {med(cpu):22s} us ({statistics.median(cpu) / b_cpu - 1:+.1%})"
+            f"  loop {med([r['loop_us_per_req'] for r in rounds]):22s}"
+            f"  other threads {med([r['other_us_per_req'] for r in rounds]):18s}"
+            f"  rps {med(rps):26s} ({statistics.median(rps) / b_rps - 1:+.1%})"
+            f"  p99 {med([r['p99_ms'] for r in rounds])} ms"
+        )
 
 
 def throughput() -> None:
-    print("== reference app under load: CPU per request, no trace vs a trace being captured")
+    print(
+        "== reference app under load: server CPU per request, no trace vs a trace being "
+        "captured (one server per loop, every variant in it, rounds alternated)"
+    )
     for loop in LOOPS:
-        with RefServer(env={"UVICORN_LOOP": loop}) as srv:
+        env = {"UVICORN_LOOP": loop, "BENCH_TRACE_VARIANTS": "1"}
+        with RefServer(env=env) as srv:
             for path in PATHS:
-
-                def traced(path: str = path) -> dict[str, float]:
-                    url = trace_url(srv, ROUND_S + 0.5)
-                    with during(lambda: httpx.get(url, timeout=120)):
-                        return measure_threads(srv, path, ROUND_S)
-
+                variants = VARIANTS[loop]
+                res: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
                 measure_threads(srv, path, 1.0)  # warm up
-                base, tr = ab_rounds(
-                    ROUNDS, lambda path=path: measure_threads(srv, path, ROUND_S), traced
-                )
-                print(
-                    f" loop {loop}, route {path}"
-                    f"  ({ROUNDS} rounds of {ROUND_S:g} s each side, alternated)"
-                )
-                report_threads(base, tr)
+                for i in range(ROUNDS):
+                    order = list(variants) if i % 2 == 0 else list(reversed(variants))
+                    for name in order:
+                        query = variants[name]
+                        if query is None:
+                            res[name].append(measure_threads(srv, path, ROUND_S))
+                            continue
+                        httpx.get(f"{srv.url}/bench/trace-variant?{query}").raise_for_status()
+                        url = trace_url(srv, ROUND_S + 0.6)
+                        with during(lambda url=url: httpx.get(url, timeout=120)):
+                            res[name].append(measure_threads(srv, path, ROUND_S))
+                print(f" loop {loop}, route {path}  ({ROUNDS} rounds of {ROUND_S:g} s per variant)")
+                report_variants(res)
 
 
 def after_trace() -> None:
@@ -244,9 +272,11 @@ def cycle_cost() -> None:
 
     variants: dict[str, Any] = {
         "everything": {},
+        "everything, Py hook": {"native": False},
         "no wall sampler": {"sample": no_wall},
         "no CPU timeline": {"cpu": True},
         "hooks only": {"sample": no_wall, "cpu": True},
+        "hooks only, Py hook": {"sample": no_wall, "cpu": True, "native": False},
     }
 
     async def main() -> dict[str, list[float]]:
@@ -261,12 +291,14 @@ def cycle_cost() -> None:
                 tracing.get_sampler = (
                     (lambda hz, si: _NoCPU()) if v.get("cpu") else real_get_sampler
                 )  # type: ignore[assignment, misc]
+                tracing._native_hook = v.get("native")
                 try:
                     w = _Run(n)
                     await tracing.capture(0, w, Options())
                 finally:
                     tracing._Recorder._sample = real_sample  # type: ignore[method-assign]
                     tracing.get_sampler = real_get_sampler
+                    tracing._native_hook = None
                 res[label].append(w.cpu)
         return res
 
@@ -276,7 +308,7 @@ def cycle_cost() -> None:
         per = [x / n * 1e6 for x in xs]
         m = statistics.median(xs)
         print(
-            f"  {label:16s} {med(per)} us of loop-thread CPU per cycle "
+            f"  {label:20s} {med(per)} us of loop-thread CPU per cycle "
             f"(+{(m - base) / n * 1e6:.2f} us, x{m / base:.3f})"
         )
 
@@ -301,17 +333,32 @@ class _During:
 
 
 def step_cost() -> None:
-    print("== in-process: cost per event-loop step (await asyncio.sleep(0) loop, 100 000 steps)")
+    print(
+        "== in-process: cost per event-loop step of each step hook "
+        "(await asyncio.sleep(0) loop, 100 000 steps, 7 rounds alternated)"
+    )
     n = 100_000
+    hooks = {"C hook": True, "Python hook": False}
+    if not trace_hook.available():
+        print(f"  (no C hook: {trace_hook.unavailable_reason()})")
+        del hooks["C hook"]
 
     async def main() -> dict[str, list[float]]:
-        res: dict[str, list[float]] = {"no trace": [], "hook, 1 Hz sampler": [], "1000 Hz": []}
-        for _ in range(5):
+        res: dict[str, list[float]] = {"no trace": []}
+        for label in hooks:
+            res[label] = []
+            res[label + ", 1000 Hz sampler"] = []
+        for i in range(7):
             res["no trace"].append(await _steps(n))
-            for label, hz in (("hook, 1 Hz sampler", 1), ("1000 Hz", 1000)):
-                w = _During(n)
-                await tracing.capture(0, w, Options(trace_sample_hz=hz))
-                res[label].append(w.took)
+            for label, native in hooks.items() if i % 2 == 0 else reversed(hooks.items()):
+                tracing._native_hook = native
+                try:
+                    for tail, hz in (("", 1), (", 1000 Hz sampler", 1000)):
+                        w = _During(n)
+                        await tracing.capture(0, w, Options(trace_sample_hz=hz))
+                        res[label + tail].append(w.took)
+                finally:
+                    tracing._native_hook = None
         return res
 
     res = asyncio.run(main())
@@ -319,7 +366,7 @@ def step_cost() -> None:
     for label, xs in res.items():
         per = [x / n * 1e9 for x in xs]
         print(
-            f"  {label:20s} {med(per)} ns per step "
+            f"  {label:30s} {med(per)} ns per step "
             f"(+{(statistics.median(xs) - base) / n * 1e9:.0f} ns)"
         )
 
@@ -350,8 +397,89 @@ def encode_stall() -> None:
     print(f"  {size / 1e6:.1f} MB encoded in {took:.2f} s; worst loop stall {worst * 1e3:.1f} ms")
 
 
+def _hooks_only_cycles(mode: str, n: int) -> None:
+    """Run ``n`` request-like cycles with no trace (``none``) or with only a step hook
+    (``native``, ``python``: no samplers), the recorder installed directly (no JSON)."""
+    from asgi_pprof import sampler
+
+    class _NoCPU:
+        period_ns = 10_000_000
+
+        def subscribe(self, timeline: bool = False) -> Any:
+            return sampler.Capture(period_ns=self.period_ns, timeline=[])
+
+        def unsubscribe(self, cap: Any) -> None:
+            pass
+
+        def release_signal(self) -> None:
+            pass
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if mode == "none":
+            await _cycles(loop, n)
+            return
+        tracing._native_hook = mode == "native"
+        tracing._Recorder._sample = lambda self: self._stop.wait()  # type: ignore[method-assign]
+        tracing.get_sampler = lambda hz, si: _NoCPU()  # type: ignore[assignment, misc, return-value]
+        rec = tracing._Recorder(loop, Options())
+        rec.install()
+        await _cycles(loop, n)
+        rec.uninstall()
+        assert len(rec.records) >= 4 * n
+
+    asyncio.run(main())
+
+
+def _instructions(mode: str, n: int) -> int:
+    """Return the CPU instructions a process running ``n`` cycles executes (callgrind)."""
+    out = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--cycles",
+            mode,
+            str(n),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    assert found, out.stderr
+    return int(found.group(1))
+
+
+def instructions() -> None:
+    print(
+        "== in-process, deterministic: CPU instructions per request-like cycle (3 loop steps, "
+        "1 task) of each step hook alone (callgrind, 6000 - 2000 cycles)"
+    )
+    if shutil.which("valgrind") is None:
+        print("  (valgrind not installed)")
+        return
+    modes = ["none", "python"] + (["native"] if trace_hook.available() else [])
+    per = {}
+    for mode in modes:
+        per[mode] = (_instructions(mode, 6000) - _instructions(mode, 2000)) / 4000
+    for mode in modes:
+        extra = per[mode] - per["none"]
+        print(
+            f"  {mode:7s} {per[mode]:9,.0f} instructions per cycle "
+            f"(+{extra:,.0f}, x{per[mode] / per['none']:.3f})"
+        )
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--cycles"]:
+        _hooks_only_cycles(sys.argv[2], int(sys.argv[3]))
+        return 0
     throughput()
+    instructions()
     cycle_cost()
     step_cost()
     encode_stall()
