@@ -5,8 +5,9 @@ and returns Chrome Trace Event Format JSON (written by ``trace_events``). Hooked
 only while a capture runs:
 
 * ``asyncio.Handle._run`` (class attribute): every callback or task step an asyncio
-  event loop of this process runs, timed with ``perf_counter_ns``: one flat Python
-  function per step. A task's first step in the capture also records it as created
+  event loop of this process runs, timed with ``perf_counter_ns`` by the step hook
+  (``trace_hook``: in C when built, else one flat Python function). A task's first
+  step in the capture also records it as created
   and finds the HTTP request it serves (``trace_routes``), before the step runs. uvloop
   runs its own (Cython) handles: its steps are not seen.
 * on uvloop only, the task factory of the loop the request runs on (asyncio loops need
@@ -34,6 +35,7 @@ import contextlib
 import gc
 import logging
 import operator
+import os
 import sys
 import threading
 import time
@@ -451,6 +453,16 @@ class _Recorder:
         """Read the names of the tasks still running (on the loop, for a trace to be written)."""
         self.late_names = {id(t): t.get_name() for t in asyncio.all_tasks(self.loop)}
 
+    def forget_in_child(self) -> None:
+        """In a child forked during the capture: put back the step hook and the gc callback
+        (no capture runs there: the capture's task, its window and its sampler thread stay
+        in the parent), and drop what was recorded."""
+        if self.hook is not None:
+            self.hook.uninstall()
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self.on_gc)
+        self.discard()
+
     def discard(self) -> None:
         """Drop everything recorded (the client left: nothing will be written)."""
         self.records = []
@@ -512,6 +524,19 @@ class _Recorder:
         self.records = []
         self.loops = {}
         return raw
+
+
+def _after_fork_in_child() -> None:
+    # A capture of the parent does not run here: its hooks must not either, and its lock
+    # (held by the parent's capture, or by a thread that does not exist here) is free.
+    global _active, _lock
+    rec, _active = _active, None
+    _lock = threading.Lock()
+    if rec is not None:
+        rec.forget_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def capture(seconds: float, window: Window, options: Options) -> bytes:

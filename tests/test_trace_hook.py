@@ -7,6 +7,7 @@ import asyncio
 import functools
 import gc
 import itertools
+import os
 import sys
 import threading
 import tracemalloc
@@ -468,8 +469,47 @@ def test_no_native_hook_under_the_switch() -> None:
         assert seen == [True], seen
         print("ok")
     """
-    import os
-
     r = run_python(code, env={**os.environ, "ASGI_PPROF_NO_NATIVE": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_child_forked_during_a_capture_runs_without_it(hook: str) -> None:
+    """The child's loop steps run through the original Handle._run again, and it can trace."""
+    code = f"""
+        import asyncio, os, sys
+        from asgi_pprof import trace_hook, tracing
+        from asgi_pprof.concurrency import SleepWindow
+        from asgi_pprof.options import Options
+        tracing._native_hook = {hook == "native"}
+
+        async def child() -> None:
+            assert not tracing.is_capturing()
+            assert asyncio.Handle.__dict__["_run"] is trace_hook._original_run
+            body = await tracing.capture(0.05, SleepWindow(), Options())  # not busy here
+            assert body.startswith(b"{{")
+
+        async def main() -> None:
+            t = asyncio.ensure_future(tracing.capture(0.3, SleepWindow(), Options()))
+            await asyncio.sleep(0.05)
+            assert tracing.is_capturing()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    asyncio.run(child())  # a new loop: the parent's belongs to the parent
+                except BaseException as exc:
+                    print("child failed:", repr(exc), file=sys.stderr)
+                    os._exit(1)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, status
+            await t
+
+        asyncio.run(main())
+        print("ok")
+    """
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok", r.stderr
