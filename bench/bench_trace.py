@@ -3,15 +3,19 @@
 Prints, in one run:
 
 * the server's CPU per request with and without a trace being captured, on asyncio and
-  on uvloop (A/B alternated rounds, medians with min..max, the ratio of the medians),
-  split into the event loop's thread and every other thread (the samplers), beside
-  throughput and p99;
-* in-process, what each part costs per request-like cycle (a protocol callback, the
-  request's task with an ASGI scope, its done callback: uvicorn's three steps), with
-  every part on, and with the wall-clock sampler or the CPU subscription left out;
-* the cost per event-loop step of the hook, the worst event-loop stall while a big trace
-  is encoded, the same server before any trace and after traces ended (nothing must
-  remain), and the size of a 5 s trace under load.
+  on uvloop: every variant in one server process, rounds alternated (no trace; a trace
+  with the C step hook; with the Python one; the C hook alone, no samplers; the samplers
+  alone, no hook), medians with min..max, split into the event loop's thread and every
+  other thread (the samplers), beside throughput and p99;
+* deterministic counts (callgrind, when valgrind is installed): CPU instructions per
+  request of the reference app with no trace and with each step hook alone, and per
+  request-like cycle in-process (a protocol callback, the request's task with an ASGI
+  scope, its done callback: uvicorn's three steps);
+* in-process, what each part costs per request-like cycle (CPU time), with every part
+  on, with either hook, and with the wall-clock sampler or the CPU subscription left out;
+* the cost per event-loop step of each hook, the worst event-loop stall while a big
+  trace is encoded, the same server before any trace and after traces ended (nothing
+  must remain), and the size of a 5 s trace under load.
 
 Loopback only, every load run bounded in time. Standalone: ``python bench/bench_trace.py``
 (``make bench`` runs it).
@@ -20,6 +24,7 @@ Loopback only, every load run bounded in time. Standalone: ``python bench/bench_
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import re
@@ -27,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from asgi_pprof import trace_hook, tracing
 from asgi_pprof.concurrency import SleepWindow
 from asgi_pprof.options import Options
-from bench.common import LagMonitor, RefServer, ab_rounds, during, load, measure, med, report
+from bench.common import (
+    LagMonitor,
+    RefServer,
+    ab_rounds,
+    during,
+    free_port,
+    load,
+    measure,
+    med,
+    report,
+)
 
 ROUND_S = 2.0
 ROUNDS = 6
@@ -474,11 +490,111 @@ def instructions() -> None:
         )
 
 
+def server_instructions(n: int = 200, path: str = "/hello") -> None:
+    print(
+        f"== the reference app under callgrind, deterministic: CPU instructions per request "
+        f"({path}, {n} sequential requests per round, 2 rounds alternated), no trace vs a trace "
+        f"with its step hook alone, and with it but no request lookup (the samplers' cost is per "
+        f"second of CPU, which valgrind stretches 50 times: left out here)"
+    )
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("  (valgrind not installed)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/callgrind"
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "UVICORN_LOOP": "asyncio", "BENCH_TRACE_VARIANTS": "1"}
+        proc = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}.%p",
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.refapp:app",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _server_instructions(proc, url, out, n, path)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+def _server_instructions(
+    proc: subprocess.Popen[bytes], url: str, out: str, n: int, path: str
+) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            httpx.get(url + "/hello", timeout=5)
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+    def requests(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for _ in range(k):
+                client.get(path).raise_for_status()
+
+    def per_request() -> float:
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        requests(n)
+        before = set(glob.glob(out + "*"))
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        dump = max(set(glob.glob(out + "*")) - before, key=os.path.getmtime)
+        found = re.search(r"^(?:summary|totals): (\d+)", Path(dump).read_text(), re.M)
+        assert found, dump
+        return int(found.group(1)) / n
+
+    requests(50)  # warm up
+    variants = {
+        "no trace": None,
+        "C hook": "hook=native&without=wall,cpu",
+        "Python hook": "hook=python&without=wall,cpu",
+        "C hook, no route": "hook=native&without=wall,cpu,route",
+    }
+    res: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(2):
+        for name in list(variants) if i == 0 else list(reversed(variants)):
+            query = variants[name]
+            if query is None:
+                res[name].append(per_request())
+                continue
+            httpx.get(f"{url}/bench/trace-variant?{query}", timeout=60).raise_for_status()
+            with during(lambda: httpx.get(trace_url_of(url, 30), timeout=300)):
+                time.sleep(2)
+                res[name].append(per_request())
+    base = statistics.median(res["no trace"])
+    for name, xs in res.items():
+        print(
+            f"  {name:16s} {statistics.median(xs):9,.0f} instructions per request "
+            f"({' '.join(f'{x:,.0f}' for x in xs)}; {statistics.median(xs) / base - 1:+.1%})"
+        )
+
+
+def trace_url_of(url: str, seconds: float) -> str:
+    return f"{url}/debug/pprof/trace?seconds={seconds}"
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--cycles"]:
         _hooks_only_cycles(sys.argv[2], int(sys.argv[3]))
         return 0
     throughput()
+    server_instructions()
     instructions()
     cycle_cost()
     step_cost()
