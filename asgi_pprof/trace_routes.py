@@ -71,16 +71,28 @@ def find_scope(coro: object) -> tuple[dict[str, Any], Where] | None:
     return None
 
 
+_FrameType = types.FrameType
+_getattribute = object.__getattribute__
+
+
 def _scope_at(coro: object, where: Where) -> dict[str, Any] | None:
-    """Return the scope where the same coroutine code had it last time, or None."""
+    """Return the scope where the same coroutine code had it last time, or None.
+
+    Once per request task: :func:`_instance_dict` and :func:`_is_scope` written out.
+    """
     frame = getattr(coro, "cr_frame", None)
-    if not isinstance(frame, types.FrameType):
+    if type(frame) is not _FrameType:
         return None
     value = frame.f_locals.get(where[0])
     if where[1]:
-        attrs = _instance_dict(value)
-        value = attrs.get("scope") if attrs is not None else None
-    return value if _is_scope(value) else None
+        try:
+            attrs = _getattribute(value, "__dict__")
+        except (AttributeError, TypeError):
+            return None
+        value = attrs.get("scope") if type(attrs) is dict else None
+    if type(value) is dict and value.get("type") in _KINDS and "path" in value:
+        return value
+    return None
 
 
 def template(path: str, params: object) -> str:

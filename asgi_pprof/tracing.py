@@ -5,8 +5,9 @@ and returns Chrome Trace Event Format JSON (written by ``trace_events``). Hooked
 only while a capture runs:
 
 * ``asyncio.Handle._run`` (class attribute): every callback or task step an asyncio
-  event loop of this process runs, timed with ``perf_counter_ns``: one flat Python
-  function per step. A task's first step in the capture also records it as created
+  event loop of this process runs, timed with ``perf_counter_ns`` by the step hook
+  (``trace_hook``: in C when built, else one flat Python function). A task's first
+  step in the capture also records it as created
   and finds the HTTP request it serves (``trace_routes``), before the step runs. uvloop
   runs its own (Cython) handles: its steps are not seen.
 * on uvloop only, the task factory of the loop the request runs on (asyncio loops need
@@ -31,23 +32,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import logging
 import operator
+import os
 import sys
 import threading
 import time
 import types
 import weakref
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any, cast
 
+from . import trace_hook
 from .concurrency import THREAD_PREFIX, run_in_thread
 from .frames import current_stacks
 from .profiles import ProfileError
 from .sampler import Capture, Sampler, get_sampler
-from .trace_events import DONE, GC, NEW, SAMPLE, STEP, LoopInfo, RawTrace, render
+from .trace_events import DONE, GC, NEW, SAMPLE, LoopInfo, RawTrace, render
+from .trace_hook import Hook, code_of
 from .trace_routes import Requests
 
 if TYPE_CHECKING:
@@ -66,17 +69,12 @@ _get_ident = threading.get_ident
 
 _lock = threading.Lock()
 _active: _Recorder | None = None
-"""The running capture, read by the step hook on every loop of the process."""
-_original_run: Callable[[asyncio.Handle], None] = asyncio.Handle.__dict__["_run"]
-"""What ``Handle._run`` was before the capture replaced it."""
+"""The running capture (its task factory and done callbacks check they are still it)."""
+_native_hook: bool | None = None
+"""Which step hook captures install: None for the C one when loaded (``trace_hook``);
+the tests and the benchmark set True or False to compare the two."""
 
-_TASK_TYPES: tuple[type, ...] = tuple(
-    t for t in (asyncio.Task, getattr(asyncio.tasks, "_PyTask", None)) if isinstance(t, type)
-)
 _CODE = operator.itemgetter(0)  # a raw frame's code object
-_FunctionType = types.FunctionType
-_MethodType = types.MethodType
-_BuiltinType = types.BuiltinMethodType
 _IDLE_HZ = 50
 """Wall-clock sampling rate while no loop step runs long (then ``trace_sample_hz``)."""
 
@@ -100,77 +98,6 @@ def is_capturing() -> bool:
     return _active is not None
 
 
-def _run_step(self: asyncio.Handle) -> None:
-    """Replaces ``asyncio.Handle._run`` during a capture: run the step, then record it.
-
-    The hottest code of a capture (once per step of every loop): one flat function, no
-    further Python calls on the common paths (a task's step, a bound method, a function).
-    """
-    rec = _active
-    if rec is None:
-        _original_run(self)
-        return
-    cb = self._callback  # type: ignore[attr-defined]
-    tp = type(cb)
-    owner = None if tp is _FunctionType else getattr(cb, "__self__", None)
-    is_task = _task_types.get(type(owner))
-    if is_task is None:
-        is_task = _learn_type(type(owner))
-    task = owner if is_task else None  # a task's step (its __step or __wakeup)
-    if task is not None and id(task) not in rec.seen:
-        # Its first step in this capture, before it runs: a new task's coroutine has not
-        # started, so its arguments tell which request it serves.
-        rec.first_step(task)
-    t0 = rec.step_start = _now()
-    try:
-        _original_run(self)
-    finally:
-        t1 = rec.step_end = _now()  # the sampler sees that a step ended (see _sample_once)
-        records = rec.records
-        if len(records) < rec.limit:
-            loop = self._loop  # type: ignore[attr-defined]
-            if loop is not rec.last_loop:
-                rec.see_loop(loop)
-            if task is not None:
-                # Named after the task's coroutine (and the request it serves).
-                name = task.get_name()
-                coro = task.get_coro()
-                code = getattr(coro, "cr_code", None) or _code_of(coro)
-                key = id(task)
-                req = rec.request_of.get(key)
-                records.append((STEP, id(loop), t0, t1, code, name, req))
-                if task.done():  # the step that finished it (one record past the limit at most)
-                    state = (
-                        "cancelled"
-                        if task.cancelled()
-                        # not task.exception(): that would mark it retrieved (_task_state)
-                        else (
-                            "result" if getattr(task, "_exception", None) is None else "exception"
-                        )
-                    )
-                    ident = _get_ident()
-                    records.append((DONE, ident, t1, id(loop), name, code, key, req, state))
-                    rec.seen.discard(key)  # the id may be reused by a new task
-                    if req is not None:
-                        rec.requests.finished(req)
-            else:
-                # Keep a code object or a name, never the callback: a record must not keep an
-                # object alive, and a tuple of untracked items leaves the garbage collector's
-                # lists at its first pass (a function would keep it there, making every full
-                # collection during the capture longer).
-                if tp is _FunctionType:
-                    what: object = cb.__code__
-                elif tp is _MethodType:
-                    what = getattr(cb.__func__, "__code__", None) or _callback_name(cb)
-                elif tp is _BuiltinType and owner is not None:  # e.g. set.discard
-                    what = _builtin_names.get((type(owner), cb.__name__)) or _callback_name(cb)
-                else:
-                    what = _callback_name(cb)
-                records.append((STEP, id(loop), t0, t1, what, None, None))
-        else:
-            rec.full(t0)
-
-
 def _threads_cpu_ns() -> dict[int, int]:
     """Return ``ident -> CPU ns`` of every thread, from its CPU clock (Linux; else empty).
 
@@ -189,48 +116,6 @@ def _threads_cpu_ns() -> dict[int, int]:
         except OSError:  # it has just ended
             continue
     return out
-
-
-_builtin_names: dict[tuple[type, str], str] = {}
-_task_types: dict[type, bool] = {type(None): False}
-"""Whether a callback's owner type is a task type (asyncio's, or a subclass): learnt once."""
-
-
-def _learn_type(tp: type) -> bool:
-    is_task = issubclass(tp, _TASK_TYPES)
-    if len(_task_types) < 10_000:
-        _task_types[tp] = is_task
-    return is_task
-
-
-def _callback_name(cb: object) -> types.CodeType | str:
-    """Return the code object or the name of a callback that is not a plain function."""
-    while isinstance(cb, functools.partial):
-        cb = cb.func
-    code = getattr(getattr(cb, "__func__", cb), "__code__", None)
-    if isinstance(code, types.CodeType):
-        return code
-    owner = getattr(cb, "__self__", None)
-    method = getattr(cb, "__name__", None)
-    if owner is not None and isinstance(method, str):
-        # A builtin method, e.g. set.discard, Future.set_result: its __qualname__ is built
-        # anew on every read; the owner's type and the name make the same text once.
-        key = (type(owner), method)
-        name = _builtin_names.get(key)
-        if name is None:
-            qual = getattr(cb, "__qualname__", None)
-            name = qual if isinstance(qual, str) else f"{type(owner).__qualname__}.{method}"
-            if len(_builtin_names) < 10_000:
-                _builtin_names[key] = name
-        return name
-    qual = getattr(cb, "__qualname__", None)
-    return qual if isinstance(qual, str) else type(cb).__qualname__
-
-
-def _code_of(coro: object) -> types.CodeType | None:
-    """Return the code object of a coroutine or generator, None for other awaitables."""
-    code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
-    return code if isinstance(code, types.CodeType) else None
 
 
 def _task_state(task: asyncio.Future[Any]) -> str:
@@ -254,9 +139,13 @@ class _Recorder:
         self.records: list[Any] = []
         self.late_names: dict[int, str] = {}
         self.step_start = 0
-        """When the running loop step started, written by the step hook."""
+        """When the running loop step started, written by the Python step hook."""
         self.step_end = 0
-        """When the last loop step ended (``perf_counter_ns``), written by the step hook."""
+        """When the last loop step ended (``perf_counter_ns``), written by the Python step hook."""
+        self.hook: Hook | None = None
+        """The step hook while installed (it tells when steps start and end)."""
+        self.step_code: types.CodeType | None = None
+        self.skip_codes: frozenset[types.CodeType] = frozenset()
         self.truncated_ns: int | None = None
         self.dropped = 0
         self.loops: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
@@ -347,7 +236,7 @@ class _Recorder:
             return task
         t = _now()
         if not self.full(t):
-            code = _code_of(coro)
+            code = code_of(coro)
             req = self.requests.task_created(id(task), coro, code)
             # The name may still change (3.11/3.12 set it after the factory returns): the
             # task's completion, or the end of the capture (see read_names), tells.
@@ -371,7 +260,7 @@ class _Recorder:
         key = id(task)
         self.seen.add(key)
         coro = task.get_coro()
-        code = getattr(coro, "cr_code", None) or _code_of(coro)
+        code = getattr(coro, "cr_code", None) or code_of(coro)
         req = self.requests.task_created(key, coro, code)
         if key in self.existing:
             self.existing.discard(key)  # a later task with this id is a new one
@@ -404,7 +293,7 @@ class _Recorder:
                 t,
                 id(task.get_loop()),
                 name,
-                _code_of(coro),
+                code_of(coro),
                 id(task),
                 req,
                 _task_state(task),
@@ -443,8 +332,11 @@ class _Recorder:
 
     def _stalled(self, after_ns: int) -> bool:
         """Return True while a loop step has been running for ``after_ns`` or longer."""
-        start = self.step_start
-        return start > self.step_end and _now() - start >= after_ns
+        hook = self.hook
+        if hook is None:
+            return False
+        start, end = hook.step_times()
+        return start > end and _now() - start >= after_ns
 
     def _sample_once(self, current: dict[int, list[Any]], skip: set[int]) -> None:
         """Read every thread's stack once; a stack that did not change extends its record.
@@ -454,8 +346,9 @@ class _Recorder:
         """
         stacks = current_stacks()
         t = _now()
-        steps_done = self.step_end
-        step_code = _run_step.__code__
+        hook = self.hook
+        steps_done = hook.step_times()[1] if hook is not None else 0
+        step_code = self.step_code
         records = self.records
         for ident, raw in stacks.items():
             if ident in skip:
@@ -494,17 +387,15 @@ class _Recorder:
 
     def install(self) -> None:
         """Hook the process (on the loop's thread). Undo with :meth:`uninstall`."""
-        global _active, _original_run
+        global _active
         self._refresh_threads()
         gc.callbacks.append(self.on_gc)
         if not self.steps_visible:
             # uvloop runs its own handles: the step hook never sees its tasks, a factory does.
             self._prev_factory = self.loop.get_task_factory()
             self.loop.set_task_factory(self.task_factory)
-        current = asyncio.Handle.__dict__["_run"]
-        if current is not _run_step:
-            _original_run = current
-            asyncio.Handle._run = _run_step  # type: ignore[method-assign]
+        hook = self.hook = trace_hook.install(self, _native_hook)
+        self.step_code, self.skip_codes = hook.step_code, hook.skip_codes
         _active = self
         # The CPU profiler's sampler (shared with /profile): exact CPU ticks of the main
         # thread from its own SIGPROF handler, other threads' from their CPU timers.
@@ -524,6 +415,8 @@ class _Recorder:
         global _active
         self.end_ns = _now()
         _active = None
+        if self.hook is not None:
+            self.hook.stop()
         self._stop.set()
         if self._cpu is not None:
             # Whether the main thread took its own ticks (exact) or was read from outside.
@@ -537,9 +430,7 @@ class _Recorder:
             }
             self._cpu_sampler.release_signal()
         try:
-            if asyncio.Handle.__dict__.get("_run") is _run_step:
-                asyncio.Handle._run = _original_run  # type: ignore[method-assign, assignment]
-            else:
+            if self.hook is not None and not self.hook.uninstall():
                 log.warning("asgi_pprof: asyncio.Handle._run was replaced during a trace")
         finally:
             with contextlib.suppress(ValueError):
@@ -561,6 +452,16 @@ class _Recorder:
     def read_names(self) -> None:
         """Read the names of the tasks still running (on the loop, for a trace to be written)."""
         self.late_names = {id(t): t.get_name() for t in asyncio.all_tasks(self.loop)}
+
+    def forget_in_child(self) -> None:
+        """In a child forked during the capture: put back the step hook and the gc callback
+        (no capture runs there: the capture's task, its window and its sampler thread stay
+        in the parent), and drop what was recorded."""
+        if self.hook is not None:
+            self.hook.uninstall()
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self.on_gc)
+        self.discard()
 
     def discard(self) -> None:
         """Drop everything recorded (the client left: nothing will be written)."""
@@ -604,12 +505,8 @@ class _Recorder:
             sample_hz=self.hz,
             max_events=self.limit,
             records=self.records,
-            step_code=_run_step.__code__,
-            skip_codes=frozenset(
-                c
-                for c in (getattr(_original_run, "__code__", None),)
-                if isinstance(c, types.CodeType)
-            ),
+            step_code=self.step_code,
+            skip_codes=self.skip_codes,
             threads=dict(self.threads),
             loops=loops,
             truncated_ns=self.truncated_ns,
@@ -627,6 +524,19 @@ class _Recorder:
         self.records = []
         self.loops = {}
         return raw
+
+
+def _after_fork_in_child() -> None:
+    # A capture of the parent does not run here: its hooks must not either, and its lock
+    # (held by the parent's capture, or by a thread that does not exist here) is free.
+    global _active, _lock
+    rec, _active = _active, None
+    _lock = threading.Lock()
+    if rec is not None:
+        rec.forget_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def capture(seconds: float, window: Window, options: Options) -> bytes:

@@ -3,15 +3,19 @@
 Prints, in one run:
 
 * the server's CPU per request with and without a trace being captured, on asyncio and
-  on uvloop (A/B alternated rounds, medians with min..max, the ratio of the medians),
-  split into the event loop's thread and every other thread (the samplers), beside
-  throughput and p99;
-* in-process, what each part costs per request-like cycle (a protocol callback, the
-  request's task with an ASGI scope, its done callback: uvicorn's three steps), with
-  every part on, and with the wall-clock sampler or the CPU subscription left out;
-* the cost per event-loop step of the hook, the worst event-loop stall while a big trace
-  is encoded, the same server before any trace and after traces ended (nothing must
-  remain), and the size of a 5 s trace under load.
+  on uvloop: every variant in one server process, rounds alternated (no trace; a trace
+  with the C step hook; with the Python one; the C hook alone, no samplers; the samplers
+  alone, no hook), medians with min..max, split into the event loop's thread and every
+  other thread (the samplers), beside throughput and p99;
+* deterministic counts (callgrind, when valgrind is installed): CPU instructions per
+  request of the reference app with no trace and with each step hook alone, and per
+  request-like cycle in-process (a protocol callback, the request's task with an ASGI
+  scope, its done callback: uvicorn's three steps);
+* in-process, what each part costs per request-like cycle (CPU time), with every part
+  on, with either hook, and with the wall-clock sampler or the CPU subscription left out;
+* the cost per event-loop step of each hook, the worst event-loop stall while a big
+  trace is encoded, the same server before any trace and after traces ended (nothing
+  must remain), and the size of a 5 s trace under load.
 
 Loopback only, every load run bounded in time. Standalone: ``python bench/bench_trace.py``
 (``make bench`` runs it).
@@ -20,10 +24,15 @@ Loopback only, every load run bounded in time. Standalone: ``python bench/bench_
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,13 +41,23 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asgi_pprof import tracing
+from asgi_pprof import trace_hook, tracing
 from asgi_pprof.concurrency import SleepWindow
 from asgi_pprof.options import Options
-from bench.common import LagMonitor, RefServer, ab_rounds, during, load, measure, med, report
+from bench.common import (
+    LagMonitor,
+    RefServer,
+    ab_rounds,
+    during,
+    free_port,
+    load,
+    measure,
+    med,
+    report,
+)
 
-ROUND_S = 2.5
-ROUNDS = 4
+ROUND_S = 2.0
+ROUNDS = 6
 PATHS = ("/items?n=50", "/hello")
 
 
@@ -82,36 +101,61 @@ def measure_threads(srv: RefServer, path: str, seconds: float) -> dict[str, floa
     }
 
 
-def report_threads(base: list[dict[str, float]], other: list[dict[str, float]]) -> None:
-    """Print medians with spread of both sides, ratios for rps, p99 and CPU per request."""
-    for key in ("rps", "p99_ms", "cpu_us_per_req", "loop_us_per_req", "other_us_per_req"):
-        a = [r[key] for r in base]
-        b = [r[key] for r in other]
-        ma, mb = statistics.median(a), statistics.median(b)
-        tail = f"ratio {mb / ma:.3f}" if ma > 0 else f"+{mb - ma:.1f}"
-        print(f"  {key:17s} no trace {med(a):26s} trace {med(b):26s} {tail}")
+VARIANTS: dict[str, dict[str, str | None]] = {
+    "asyncio": {
+        "no trace": None,
+        "trace, C hook": "hook=native",
+        "trace, Python hook": "hook=python",
+        "trace, C hook only": "hook=native&without=wall,cpu",
+        "trace, samplers only": "without=hook",
+    },
+    "uvloop": {"no trace": None, "trace": ""},
+}
+"""Per loop: what each side of the comparison runs (``/bench/trace-variant``'s query)."""
+
+
+def report_variants(res: dict[str, list[dict[str, float]]]) -> None:
+    """Print medians with spread per variant: CPU per request (and its split), rps, p99."""
+    base = res["no trace"]
+    b_cpu = statistics.median(r["cpu_us_per_req"] for r in base)
+    b_rps = statistics.median(r["rps"] for r in base)
+    for name, rounds in res.items():
+        cpu = [r["cpu_us_per_req"] for r in rounds]
+        rps = [r["rps"] for r in rounds]
+        print(
+            f"  {name:22s} CPU/req {med(cpu):22s} us ({statistics.median(cpu) / b_cpu - 1:+.1%})"
+            f"  loop {med([r['loop_us_per_req'] for r in rounds]):22s}"
+            f"  other threads {med([r['other_us_per_req'] for r in rounds]):18s}"
+            f"  rps {med(rps):26s} ({statistics.median(rps) / b_rps - 1:+.1%})"
+            f"  p99 {med([r['p99_ms'] for r in rounds])} ms"
+        )
 
 
 def throughput() -> None:
-    print("== reference app under load: CPU per request, no trace vs a trace being captured")
+    print(
+        "== reference app under load: server CPU per request, no trace vs a trace being "
+        "captured (one server per loop, every variant in it, rounds alternated)"
+    )
     for loop in LOOPS:
-        with RefServer(env={"UVICORN_LOOP": loop}) as srv:
+        env = {"UVICORN_LOOP": loop, "BENCH_TRACE_VARIANTS": "1"}
+        with RefServer(env=env) as srv:
             for path in PATHS:
-
-                def traced(path: str = path) -> dict[str, float]:
-                    url = trace_url(srv, ROUND_S + 0.5)
-                    with during(lambda: httpx.get(url, timeout=120)):
-                        return measure_threads(srv, path, ROUND_S)
-
+                variants = VARIANTS[loop]
+                res: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
                 measure_threads(srv, path, 1.0)  # warm up
-                base, tr = ab_rounds(
-                    ROUNDS, lambda path=path: measure_threads(srv, path, ROUND_S), traced
-                )
-                print(
-                    f" loop {loop}, route {path}"
-                    f"  ({ROUNDS} rounds of {ROUND_S:g} s each side, alternated)"
-                )
-                report_threads(base, tr)
+                for i in range(ROUNDS):
+                    order = list(variants) if i % 2 == 0 else list(reversed(variants))
+                    for name in order:
+                        query = variants[name]
+                        if query is None:
+                            res[name].append(measure_threads(srv, path, ROUND_S))
+                            continue
+                        httpx.get(f"{srv.url}/bench/trace-variant?{query}").raise_for_status()
+                        url = trace_url(srv, ROUND_S + 0.6)
+                        with during(lambda url=url: httpx.get(url, timeout=120)):
+                            res[name].append(measure_threads(srv, path, ROUND_S))
+                print(f" loop {loop}, route {path}  ({ROUNDS} rounds of {ROUND_S:g} s per variant)")
+                report_variants(res)
 
 
 def after_trace() -> None:
@@ -244,9 +288,11 @@ def cycle_cost() -> None:
 
     variants: dict[str, Any] = {
         "everything": {},
+        "everything, Py hook": {"native": False},
         "no wall sampler": {"sample": no_wall},
         "no CPU timeline": {"cpu": True},
         "hooks only": {"sample": no_wall, "cpu": True},
+        "hooks only, Py hook": {"sample": no_wall, "cpu": True, "native": False},
     }
 
     async def main() -> dict[str, list[float]]:
@@ -261,12 +307,14 @@ def cycle_cost() -> None:
                 tracing.get_sampler = (
                     (lambda hz, si: _NoCPU()) if v.get("cpu") else real_get_sampler
                 )  # type: ignore[assignment, misc]
+                tracing._native_hook = v.get("native")
                 try:
                     w = _Run(n)
                     await tracing.capture(0, w, Options())
                 finally:
                     tracing._Recorder._sample = real_sample  # type: ignore[method-assign]
                     tracing.get_sampler = real_get_sampler
+                    tracing._native_hook = None
                 res[label].append(w.cpu)
         return res
 
@@ -276,7 +324,7 @@ def cycle_cost() -> None:
         per = [x / n * 1e6 for x in xs]
         m = statistics.median(xs)
         print(
-            f"  {label:16s} {med(per)} us of loop-thread CPU per cycle "
+            f"  {label:20s} {med(per)} us of loop-thread CPU per cycle "
             f"(+{(m - base) / n * 1e6:.2f} us, x{m / base:.3f})"
         )
 
@@ -301,17 +349,32 @@ class _During:
 
 
 def step_cost() -> None:
-    print("== in-process: cost per event-loop step (await asyncio.sleep(0) loop, 100 000 steps)")
+    print(
+        "== in-process: cost per event-loop step of each step hook "
+        "(await asyncio.sleep(0) loop, 100 000 steps, 7 rounds alternated)"
+    )
     n = 100_000
+    hooks = {"C hook": True, "Python hook": False}
+    if not trace_hook.available():
+        print(f"  (no C hook: {trace_hook.unavailable_reason()})")
+        del hooks["C hook"]
 
     async def main() -> dict[str, list[float]]:
-        res: dict[str, list[float]] = {"no trace": [], "hook, 1 Hz sampler": [], "1000 Hz": []}
-        for _ in range(5):
+        res: dict[str, list[float]] = {"no trace": []}
+        for label in hooks:
+            res[label] = []
+            res[label + ", 1000 Hz sampler"] = []
+        for i in range(7):
             res["no trace"].append(await _steps(n))
-            for label, hz in (("hook, 1 Hz sampler", 1), ("1000 Hz", 1000)):
-                w = _During(n)
-                await tracing.capture(0, w, Options(trace_sample_hz=hz))
-                res[label].append(w.took)
+            for label, native in hooks.items() if i % 2 == 0 else reversed(hooks.items()):
+                tracing._native_hook = native
+                try:
+                    for tail, hz in (("", 1), (", 1000 Hz sampler", 1000)):
+                        w = _During(n)
+                        await tracing.capture(0, w, Options(trace_sample_hz=hz))
+                        res[label + tail].append(w.took)
+                finally:
+                    tracing._native_hook = None
         return res
 
     res = asyncio.run(main())
@@ -319,7 +382,7 @@ def step_cost() -> None:
     for label, xs in res.items():
         per = [x / n * 1e9 for x in xs]
         print(
-            f"  {label:20s} {med(per)} ns per step "
+            f"  {label:30s} {med(per)} ns per step "
             f"(+{(statistics.median(xs) - base) / n * 1e9:.0f} ns)"
         )
 
@@ -350,8 +413,189 @@ def encode_stall() -> None:
     print(f"  {size / 1e6:.1f} MB encoded in {took:.2f} s; worst loop stall {worst * 1e3:.1f} ms")
 
 
+def _hooks_only_cycles(mode: str, n: int) -> None:
+    """Run ``n`` request-like cycles with no trace (``none``) or with only a step hook
+    (``native``, ``python``: no samplers), the recorder installed directly (no JSON)."""
+    from asgi_pprof import sampler
+
+    class _NoCPU:
+        period_ns = 10_000_000
+
+        def subscribe(self, timeline: bool = False) -> Any:
+            return sampler.Capture(period_ns=self.period_ns, timeline=[])
+
+        def unsubscribe(self, cap: Any) -> None:
+            pass
+
+        def release_signal(self) -> None:
+            pass
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if mode == "none":
+            await _cycles(loop, n)
+            return
+        tracing._native_hook = mode == "native"
+        tracing._Recorder._sample = lambda self: self._stop.wait()  # type: ignore[method-assign]
+        tracing.get_sampler = lambda hz, si: _NoCPU()  # type: ignore[assignment, misc, return-value]
+        rec = tracing._Recorder(loop, Options())
+        rec.install()
+        await _cycles(loop, n)
+        rec.uninstall()
+        assert len(rec.records) >= 4 * n
+
+    asyncio.run(main())
+
+
+def _instructions(mode: str, n: int) -> int:
+    """Return the CPU instructions a process running ``n`` cycles executes (callgrind)."""
+    out = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--cycles",
+            mode,
+            str(n),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    assert found, out.stderr
+    return int(found.group(1))
+
+
+def instructions() -> None:
+    print(
+        "== in-process, deterministic: CPU instructions per request-like cycle (3 loop steps, "
+        "1 task) of each step hook alone (callgrind, 6000 - 2000 cycles)"
+    )
+    if shutil.which("valgrind") is None:
+        print("  (valgrind not installed)")
+        return
+    modes = ["none", "python"] + (["native"] if trace_hook.available() else [])
+    per = {}
+    for mode in modes:
+        per[mode] = (_instructions(mode, 6000) - _instructions(mode, 2000)) / 4000
+    for mode in modes:
+        extra = per[mode] - per["none"]
+        print(
+            f"  {mode:7s} {per[mode]:9,.0f} instructions per cycle "
+            f"(+{extra:,.0f}, x{per[mode] / per['none']:.3f})"
+        )
+
+
+def server_instructions(n: int = 200, path: str = "/hello") -> None:
+    print(
+        f"== the reference app under callgrind, deterministic: CPU instructions per request "
+        f"({path}, {n} sequential requests per round, 2 rounds alternated), no trace vs a trace "
+        f"with its step hook alone, and with it but no request lookup (the samplers' cost is per "
+        f"second of CPU, which valgrind stretches 50 times: left out here)"
+    )
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("  (valgrind not installed)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/callgrind"
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "UVICORN_LOOP": "asyncio", "BENCH_TRACE_VARIANTS": "1"}
+        proc = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}.%p",
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.refapp:app",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _server_instructions(proc, url, out, n, path)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+def _server_instructions(
+    proc: subprocess.Popen[bytes], url: str, out: str, n: int, path: str
+) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            httpx.get(url + "/hello", timeout=5)
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+    def requests(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for _ in range(k):
+                client.get(path).raise_for_status()
+
+    def per_request() -> float:
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        requests(n)
+        before = set(glob.glob(out + "*"))
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        dump = max(set(glob.glob(out + "*")) - before, key=os.path.getmtime)
+        found = re.search(r"^(?:summary|totals): (\d+)", Path(dump).read_text(), re.M)
+        assert found, dump
+        return int(found.group(1)) / n
+
+    requests(50)  # warm up
+    variants = {
+        "no trace": None,
+        "C hook": "hook=native&without=wall,cpu",
+        "Python hook": "hook=python&without=wall,cpu",
+        "C hook, no route": "hook=native&without=wall,cpu,route",
+    }
+    res: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(2):
+        for name in list(variants) if i == 0 else list(reversed(variants)):
+            query = variants[name]
+            if query is None:
+                res[name].append(per_request())
+                continue
+            httpx.get(f"{url}/bench/trace-variant?{query}", timeout=60).raise_for_status()
+            with during(lambda: httpx.get(trace_url_of(url, 30), timeout=300)):
+                time.sleep(2)
+                res[name].append(per_request())
+    base = statistics.median(res["no trace"])
+    for name, xs in res.items():
+        print(
+            f"  {name:16s} {statistics.median(xs):9,.0f} instructions per request "
+            f"({' '.join(f'{x:,.0f}' for x in xs)}; {statistics.median(xs) / base - 1:+.1%})"
+        )
+
+
+def trace_url_of(url: str, seconds: float) -> str:
+    return f"{url}/debug/pprof/trace?seconds={seconds}"
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--cycles"]:
+        _hooks_only_cycles(sys.argv[2], int(sys.argv[3]))
+        return 0
     throughput()
+    server_instructions()
+    instructions()
     cycle_cost()
     step_cost()
     encode_stall()

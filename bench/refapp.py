@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -39,3 +40,77 @@ app = Starlette(
         ),
     ]
 )
+
+
+_without: set[str] = set()
+"""Parts of the trace that captures leave out (``/bench/trace-variant``)."""
+
+
+def _variants() -> None:
+    """Let ``/bench/trace-variant`` choose what the next captures do (bench only): which
+    step hook (``hook=python|native``) and which parts they leave out (``without=hook,
+    wall,cpu,switch,route``), so one server process measures every variant, alternated."""
+    import asyncio
+
+    from asgi_pprof import sampler, trace_hook, trace_routes, tracing
+
+    class _NoCPU:
+        period_ns = 10_000_000
+
+        def subscribe(self, timeline: bool = False) -> sampler.Capture:
+            return sampler.Capture(period_ns=self.period_ns, timeline=[])
+
+        def unsubscribe(self, cap: sampler.Capture) -> None:
+            pass
+
+        def release_signal(self) -> None:
+            pass
+
+    real_sample, real_get_sampler = tracing._Recorder._sample, tracing.get_sampler
+    real_install = trace_hook.install
+
+    def sample(self: tracing._Recorder) -> None:
+        if "wall" in _without:
+            self._stop.wait()
+        else:
+            real_sample(self)
+
+    def get_sampler(hz: int, si: float | None) -> sampler.Sampler:
+        return _NoCPU() if "cpu" in _without else real_get_sampler(hz, si)  # type: ignore[return-value]
+
+    def install(rec: trace_hook.StepRecorder, native: bool | None = None) -> trace_hook.Hook:
+        if "hook" in _without:
+            run = asyncio.Handle.__dict__["_run"]
+            return trace_hook.Hook(False, run, run, None, frozenset(), rec)
+        return real_install(rec, native)
+
+    real_want = sampler._switch.want
+
+    def want(key: int, value: float | None) -> None:
+        real_want(key, None if "switch" in _without else value)
+
+    sampler._switch.want = want  # type: ignore[method-assign]
+    real_task_created = trace_routes.Requests.task_created
+
+    def task_created(self: trace_routes.Requests, key: int, coro: object, code: Any) -> int | None:
+        return None if "route" in _without else real_task_created(self, key, coro, code)
+
+    trace_routes.Requests.task_created = task_created  # type: ignore[method-assign]
+    tracing._Recorder._sample = sample  # type: ignore[method-assign]
+    tracing.get_sampler = get_sampler  # type: ignore[assignment]
+    trace_hook.install = install  # type: ignore[assignment]
+
+
+async def trace_variant(request: Request) -> JSONResponse:
+    from asgi_pprof import tracing
+
+    _without.clear()
+    _without.update(p for p in request.query_params.get("without", "").split(",") if p)
+    hook = request.query_params.get("hook", "")
+    tracing._native_hook = None if not hook else hook == "native"
+    return JSONResponse({"without": sorted(_without), "hook": hook})
+
+
+if os.environ.get("BENCH_TRACE_VARIANTS"):
+    _variants()
+    app.router.routes.insert(0, Route("/bench/trace-variant", trace_variant))

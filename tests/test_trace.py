@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from asgi_pprof import create_app, limits, tracing
+from asgi_pprof import create_app, limits, trace_hook, tracing
 from asgi_pprof.concurrency import SleepWindow
 from asgi_pprof.options import Options
 from asgi_pprof.profiles import ProfileError
@@ -33,6 +33,25 @@ from asgi_pprof.profiles import ProfileError
 from .conftest import ServerThread, mounted, own_threads
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(
+    autouse=True,
+    params=[
+        "python",
+        pytest.param(
+            "native",
+            marks=pytest.mark.skipif(
+                not trace_hook.available(), reason=f"no C hook: {trace_hook.unavailable_reason()}"
+            ),
+        ),
+    ],
+)
+def step_hook(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test with the Python step hook and with the C one: the same trace."""
+    monkeypatch.setattr(tracing, "_native_hook", request.param == "native")
+    return str(request.param)
+
 
 TRACE = "/debug/pprof/trace"
 VIEWER = Path(__file__).parent / "viewer" / "node_modules" / "speedscope" / "dist" / "release"
@@ -491,6 +510,23 @@ async def test_trace_leaves_process_as_before(client: httpx.AsyncClient) -> None
         assert hooks() == before
     finally:
         loop.set_task_factory(None)
+
+
+async def test_capture_runs_the_chosen_step_hook(step_hook: str) -> None:
+    seen: list[object] = []
+
+    async def look() -> None:
+        await asyncio.sleep(0.02)
+        seen.append(asyncio.Handle.__dict__["_run"])
+
+    task = asyncio.create_task(look())
+    await tracing.capture(0.05, SleepWindow(), Options())
+    await task
+    if step_hook == "native":
+        assert type(seen[0]).__name__ == "StepHook", seen
+    else:
+        assert seen == [trace_hook.run_step]
+    assert asyncio.Handle.__dict__["_run"] is trace_hook._original_run
 
 
 async def test_unnamed_tasks_keep_their_names() -> None:

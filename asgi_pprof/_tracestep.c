@@ -1,0 +1,641 @@
+/* The execution trace's loop-step hook in C: what asgi_pprof/trace_hook.py's run_step does
+ * in Python, for every step of every asyncio loop while a /debug/pprof/trace capture runs.
+ *
+ * A StepHook replaces asyncio.Handle._run (a class attribute) for the capture. For each
+ * step it calls the original Handle._run (so a callback's exception reaches asyncio's
+ * call_exception_handler exactly as before, and SystemExit/KeyboardInterrupt propagate),
+ * times it with the clock of time.perf_counter_ns(), and appends the same raw record the
+ * Python hook appends to the recorder's bounded list. What is rare (a task's first step,
+ * a loop not seen yet, a request's label, a callback that is not a function, a method or
+ * a cached builtin, the bound) calls back into the recorder's Python methods.
+ *
+ * The hook is a method descriptor (Py_TPFLAGS_METHOD_DESCRIPTOR): `handle._run()` calls it
+ * with the handle, without making a bound method per step.
+ *
+ * Every step holds its own reference to the capture it started with, so a capture that
+ * ends during a step (the trace request's own step ends it) is freed only after that step
+ * recorded. Only ever called with the GIL held; the free-threaded build is refused by the
+ * Python side (trace_hook.py), which never imports this module there.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Record kinds: trace_events.STEP and trace_events.DONE. */
+#define KIND_STEP 0
+#define KIND_DONE 4
+
+#if PY_VERSION_HEX >= 0x030D0000
+#define lookup_attr PyObject_GetOptionalAttr
+#else
+#define lookup_attr _PyObject_LookupAttr
+#endif
+
+static PyObject *s_callback, *s_loop, *s_get_name, *s_get_coro, *s_cr_code, *s_done,
+    *s_cancelled, *s_exception, *s_name, *s_self, *s_records, *s_requests, *s_finished,
+    *s_first_step, *s_see_loop, *s_full, *s_cancelled_state, *s_result_state,
+    *s_exception_state, *s_code, *k_step, *k_done;
+
+/* The clock of time.perf_counter_ns(): the other records of a trace are timed with it. */
+static inline int64_t
+now_ns(void)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyTime_t t;
+    (void)PyTime_PerfCounterRaw(&t);
+    return (int64_t)t;
+#else
+    return (int64_t)_PyTime_GetPerfCounter();
+#endif
+}
+
+/* --- a capture --------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *rec;        /* the Python recorder (tracing._Recorder) */
+    PyObject *seen;       /* set: ids of tasks whose first step was seen */
+    PyObject *request_of; /* dict: id(task) -> request number */
+    PyObject *last_loop;  /* the loop of the last recorded step (strong: never a reused address) */
+    Py_ssize_t limit;
+    int64_t step_start;
+    int64_t step_end;
+} StepCapture;
+
+static int
+capture_traverse(StepCapture *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->rec);
+    Py_VISIT(self->seen);
+    Py_VISIT(self->request_of);
+    Py_VISIT(self->last_loop);
+    return 0;
+}
+
+static int
+capture_clear(StepCapture *self)
+{
+    Py_CLEAR(self->rec);
+    Py_CLEAR(self->seen);
+    Py_CLEAR(self->request_of);
+    Py_CLEAR(self->last_loop);
+    return 0;
+}
+
+static void
+capture_dealloc(StepCapture *self)
+{
+    PyObject_GC_UnTrack(self);
+    capture_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+capture_init(StepCapture *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"recorder", "seen", "request_of", "limit", NULL};
+    PyObject *rec, *seen, *request_of;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!n:StepCapture", kwlist, &rec,
+                                     &PySet_Type, &seen, &PyDict_Type, &request_of, &limit))
+        return -1;
+    Py_XSETREF(self->rec, Py_NewRef(rec));
+    Py_XSETREF(self->seen, Py_NewRef(seen));
+    Py_XSETREF(self->request_of, Py_NewRef(request_of));
+    Py_CLEAR(self->last_loop);
+    self->limit = limit;
+    self->step_start = self->step_end = 0;
+    return 0;
+}
+
+static PyObject *
+capture_step_times(StepCapture *self, PyObject *unused)
+{
+    return Py_BuildValue("(LL)", (long long)self->step_start, (long long)self->step_end);
+}
+
+static PyMethodDef capture_methods[] = {
+    {"step_times", (PyCFunction)capture_step_times, METH_NOARGS,
+     "Return (start, end) in perf_counter_ns of the running or last loop step."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject StepCaptureType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "asgi_pprof._tracestep.StepCapture",
+    .tp_basicsize = sizeof(StepCapture),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "One capture's state, read by StepHook on every loop step.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)capture_init,
+    .tp_dealloc = (destructor)capture_dealloc,
+    .tp_traverse = (traverseproc)capture_traverse,
+    .tp_clear = (inquiry)capture_clear,
+    .tp_methods = capture_methods,
+};
+
+/* --- the hook ------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *orig;          /* Handle._run before the capture */
+    PyObject *task_types;    /* tuple of the task types (asyncio.Task, its Python twin) */
+    PyObject *builtin_names; /* dict: (owner type, method name) -> name, shared with Python */
+    PyObject *callback_name; /* trace_hook.callback_name: the name of any other callback */
+    PyObject *code_of;       /* trace_hook.code_of: the code of a coroutine without cr_code */
+    StepCapture *capture;    /* the running capture, NULL when none */
+} StepHook;
+
+static int
+hook_traverse(StepHook *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->orig);
+    Py_VISIT(self->task_types);
+    Py_VISIT(self->builtin_names);
+    Py_VISIT(self->callback_name);
+    Py_VISIT(self->code_of);
+    Py_VISIT(self->capture);
+    return 0;
+}
+
+static int
+hook_clear(StepHook *self)
+{
+    Py_CLEAR(self->orig);
+    Py_CLEAR(self->task_types);
+    Py_CLEAR(self->builtin_names);
+    Py_CLEAR(self->callback_name);
+    Py_CLEAR(self->code_of);
+    Py_CLEAR(self->capture);
+    return 0;
+}
+
+static void
+hook_dealloc(StepHook *self)
+{
+    PyObject_GC_UnTrack(self);
+    hook_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *hook_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf,
+                                 PyObject *kwnames);
+
+static PyObject *
+hook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"original", "task_types", "builtin_names", "callback_name",
+                             "code_of", NULL};
+    PyObject *orig, *task_types, *builtin_names, *callback_name, *code_of;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!OO:StepHook", kwlist, &orig,
+                                     &PyTuple_Type, &task_types, &PyDict_Type, &builtin_names,
+                                     &callback_name, &code_of))
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(task_types); i++) {
+        if (!PyType_Check(PyTuple_GET_ITEM(task_types, i))) {
+            PyErr_SetString(PyExc_TypeError, "task_types must be a tuple of types");
+            return NULL;
+        }
+    }
+    StepHook *self = (StepHook *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = hook_vectorcall;
+    self->orig = Py_NewRef(orig);
+    self->task_types = Py_NewRef(task_types);
+    self->builtin_names = Py_NewRef(builtin_names);
+    self->callback_name = Py_NewRef(callback_name);
+    self->code_of = Py_NewRef(code_of);
+    self->capture = NULL;
+    return (PyObject *)self;
+}
+
+/* As a class attribute: `handle._run` is the hook bound to the handle. */
+static PyObject *
+hook_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+/* Save the pending exception (the step's SystemExit/KeyboardInterrupt) while recording. */
+typedef struct {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc;
+#else
+    PyObject *type, *value, *tb;
+#endif
+} SavedError;
+
+static void
+save_error(SavedError *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    e->exc = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&e->type, &e->value, &e->tb);
+#endif
+}
+
+static void
+restore_error(SavedError *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(e->exc);
+#else
+    PyErr_Restore(e->type, e->value, e->tb);
+#endif
+}
+
+/* Recording failed after the step raised: raise the new error, the step's as its context
+ * (as an exception in a Python `finally` would). */
+static void
+chain_error(SavedError *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *now = PyErr_GetRaisedException();
+    if (now != NULL && e->exc != NULL)
+        PyException_SetContext(now, e->exc); /* steals */
+    else
+        Py_XDECREF(e->exc);
+    PyErr_SetRaisedException(now);
+#else
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    PyErr_NormalizeException(&e->type, &e->value, &e->tb);
+    if (v != NULL && e->value != NULL) {
+        if (e->tb != NULL)
+            PyException_SetTraceback(e->value, e->tb);
+        PyException_SetContext(v, e->value); /* steals */
+        e->value = NULL;
+    }
+    Py_XDECREF(e->type);
+    Py_XDECREF(e->value);
+    Py_XDECREF(e->tb);
+    PyErr_Restore(t, v, tb);
+#endif
+}
+
+/* Return a new reference to the name of a callback that is not a task's step: its code
+ * object, or a str (trace_hook.run_step's rules, case by case). NULL on error. */
+static PyObject *
+callback_what(StepHook *hook, PyObject *cb, PyObject *owner)
+{
+    PyTypeObject *tp = Py_TYPE(cb);
+    if (tp == &PyFunction_Type)
+        return Py_NewRef(PyFunction_GET_CODE(cb));
+    if (tp == &PyMethod_Type) {
+        PyObject *code;
+        if (lookup_attr(PyMethod_GET_FUNCTION(cb), s_code, &code) < 0)
+            return NULL;
+        if (code != NULL) {
+            int truth = PyCode_Check(code) ? 1 : PyObject_IsTrue(code);
+            if (truth > 0)
+                return code;
+            Py_DECREF(code);
+            if (truth < 0)
+                return NULL;
+        }
+    }
+    else if (tp == &PyCFunction_Type && owner != NULL && owner != Py_None) {
+        /* A builtin method, e.g. set.discard: named once per (owner type, name). */
+        PyObject *name = PyObject_GetAttr(cb, s_name);
+        if (name == NULL)
+            return NULL;
+        PyObject *key = PyTuple_Pack(2, (PyObject *)Py_TYPE(owner), name);
+        Py_DECREF(name);
+        if (key == NULL)
+            return NULL;
+        PyObject *known = PyDict_GetItemWithError(hook->builtin_names, key); /* borrowed */
+        Py_DECREF(key);
+        if (known != NULL) {
+            int truth = PyObject_IsTrue(known);
+            if (truth > 0)
+                return Py_NewRef(known);
+            if (truth < 0)
+                return NULL;
+        }
+        else if (PyErr_Occurred())
+            return NULL;
+    }
+    return PyObject_CallOneArg(hook->callback_name, cb);
+}
+
+/* Return 1 if owner is a task (an instance of one of the task types), else 0. */
+static int
+is_task(StepHook *hook, PyObject *owner)
+{
+    if (owner == NULL || owner == Py_None)
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(hook->task_types); i++) {
+        if (PyObject_TypeCheck(owner, (PyTypeObject *)PyTuple_GET_ITEM(hook->task_types, i)))
+            return 1;
+    }
+    return 0;
+}
+
+/* Append the records of one step that ran from t0 to t1. 0, or -1 with an error set. */
+static int
+record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, PyObject *task,
+            PyObject *owner, PyObject *key, int64_t t0, int64_t t1)
+{
+    int ret = -1;
+    PyObject *records = NULL, *loop = NULL, *loop_id = NULL, *name = NULL, *coro = NULL,
+             *code = NULL, *rec = NULL, *what = NULL, *start = NULL, *end = NULL;
+    records = PyObject_GetAttr(cap->rec, s_records);
+    if (records == NULL)
+        goto done;
+    if (!PyList_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "the recorder's records must be a list");
+        goto done;
+    }
+    if (PyList_GET_SIZE(records) >= cap->limit) {
+        /* Counted as dropped; nothing else is done for this step (see the Python hook). */
+        start = PyLong_FromLongLong(t0);
+        if (start == NULL)
+            goto done;
+        PyObject *r = PyObject_CallMethodOneArg(cap->rec, s_full, start);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+        ret = 0;
+        goto done;
+    }
+    loop = PyObject_GetAttr(handle, s_loop);
+    if (loop == NULL)
+        goto done;
+    if (loop != cap->last_loop) {
+        PyObject *r = PyObject_CallMethodOneArg(cap->rec, s_see_loop, loop);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+        Py_XSETREF(cap->last_loop, Py_NewRef(loop));
+    }
+    loop_id = PyLong_FromVoidPtr(loop);
+    start = PyLong_FromLongLong(t0);
+    end = PyLong_FromLongLong(t1);
+    if (loop_id == NULL || start == NULL || end == NULL)
+        goto done;
+    if (task != NULL) {
+        /* Named after the task's coroutine (and the request it serves). */
+        name = PyObject_CallMethodNoArgs(task, s_get_name);
+        if (name == NULL)
+            goto done;
+        coro = PyObject_CallMethodNoArgs(task, s_get_coro);
+        if (coro == NULL)
+            goto done;
+        if (lookup_attr(coro, s_cr_code, &code) < 0)
+            goto done;
+        if (code == NULL || code == Py_None) {
+            Py_XSETREF(code, PyObject_CallOneArg(hook->code_of, coro));
+            if (code == NULL)
+                goto done;
+        }
+        PyObject *req = PyDict_GetItemWithError(cap->request_of, key); /* borrowed */
+        if (req == NULL) {
+            if (PyErr_Occurred())
+                goto done;
+            req = Py_None;
+        }
+        rec = PyTuple_Pack(7, k_step, loop_id, start, end, code, name, req);
+        if (rec == NULL || PyList_Append(records, rec) < 0)
+            goto done;
+        Py_CLEAR(rec);
+        PyObject *r = PyObject_CallMethodNoArgs(task, s_done);
+        if (r == NULL)
+            goto done;
+        int finished = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (finished < 0)
+            goto done;
+        if (finished) {
+            /* The step that finished it (one record past the limit at most). Not
+             * task.exception(): that would mark the exception retrieved. */
+            PyObject *state;
+            r = PyObject_CallMethodNoArgs(task, s_cancelled);
+            if (r == NULL)
+                goto done;
+            int cancelled = PyObject_IsTrue(r);
+            Py_DECREF(r);
+            if (cancelled < 0)
+                goto done;
+            if (cancelled)
+                state = s_cancelled_state;
+            else {
+                PyObject *exc;
+                if (lookup_attr(task, s_exception, &exc) < 0)
+                    goto done;
+                state = (exc == NULL || exc == Py_None) ? s_result_state : s_exception_state;
+                Py_XDECREF(exc);
+            }
+            PyObject *ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+            if (ident == NULL)
+                goto done;
+            rec = PyTuple_Pack(9, k_done, ident, end, loop_id, name, code, key, req, state);
+            Py_DECREF(ident);
+            if (rec == NULL || PyList_Append(records, rec) < 0)
+                goto done;
+            if (PySet_Discard(cap->seen, key) < 0) /* the id may be reused by a new task */
+                goto done;
+            if (req != Py_None) {
+                PyObject *requests = PyObject_GetAttr(cap->rec, s_requests);
+                if (requests == NULL)
+                    goto done;
+                r = PyObject_CallMethodOneArg(requests, s_finished, req);
+                Py_DECREF(requests);
+                if (r == NULL)
+                    goto done;
+                Py_DECREF(r);
+            }
+        }
+    }
+    else {
+        /* A code object or a name, never the callback: a record keeps nothing alive. */
+        what = callback_what(hook, cb, owner);
+        if (what == NULL)
+            goto done;
+        rec = PyTuple_Pack(7, k_step, loop_id, start, end, what, Py_None, Py_None);
+        if (rec == NULL || PyList_Append(records, rec) < 0)
+            goto done;
+    }
+    ret = 0;
+done:
+    Py_XDECREF(records);
+    Py_XDECREF(loop);
+    Py_XDECREF(loop_id);
+    Py_XDECREF(name);
+    Py_XDECREF(coro);
+    Py_XDECREF(code);
+    Py_XDECREF(rec);
+    Py_XDECREF(what);
+    Py_XDECREF(start);
+    Py_XDECREF(end);
+    return ret;
+}
+
+static PyObject *
+hook_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    StepHook *hook = (StepHook *)self;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "StepHook takes exactly one handle");
+        return NULL;
+    }
+    PyObject *handle = args[0];
+    StepCapture *cap = hook->capture;
+    if (cap == NULL)
+        return PyObject_Vectorcall(hook->orig, &handle, 1, NULL);
+    Py_INCREF(cap);
+    PyObject *result = NULL, *owner = NULL, *key = NULL;
+    PyObject *cb = PyObject_GetAttr(handle, s_callback);
+    if (cb == NULL)
+        goto out;
+    PyTypeObject *tp = Py_TYPE(cb);
+    if (tp == &PyFunction_Type)
+        owner = NULL;
+    else if (tp == &PyMethod_Type)
+        owner = Py_NewRef(PyMethod_GET_SELF(cb));
+    else if (PyCFunction_Check(cb))
+        owner = Py_XNewRef(PyCFunction_GET_SELF(cb));
+    else if (lookup_attr(cb, s_self, &owner) < 0) /* e.g. a C task's step wrapper */
+        goto out;
+    PyObject *task = is_task(hook, owner) ? owner : NULL; /* a task's step or wakeup */
+    if (task != NULL) {
+        key = PyLong_FromVoidPtr(task);
+        if (key == NULL)
+            goto out;
+        int seen = PySet_Contains(cap->seen, key);
+        if (seen < 0)
+            goto out;
+        if (!seen) {
+            /* Its first step in this capture, before it runs: a new task's coroutine has
+             * not started, so its arguments tell which request it serves. */
+            PyObject *r = PyObject_CallMethodOneArg(cap->rec, s_first_step, task);
+            if (r == NULL)
+                goto out;
+            Py_DECREF(r);
+        }
+    }
+    int64_t t0 = cap->step_start = now_ns();
+    result = PyObject_Vectorcall(hook->orig, &handle, 1, NULL);
+    int64_t t1 = cap->step_end = now_ns(); /* the sampler sees that a step ended */
+    if (result == NULL) {
+        SavedError saved;
+        save_error(&saved);
+        if (record_step(hook, cap, handle, cb, task, owner, key, t0, t1) < 0)
+            chain_error(&saved);
+        else
+            restore_error(&saved);
+    }
+    else if (record_step(hook, cap, handle, cb, task, owner, key, t0, t1) < 0) {
+        Py_CLEAR(result);
+    }
+out:
+    Py_XDECREF(cb);
+    Py_XDECREF(owner);
+    Py_XDECREF(key);
+    Py_DECREF(cap);
+    return result;
+}
+
+static PyObject *
+hook_start(StepHook *self, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &StepCaptureType)) {
+        PyErr_SetString(PyExc_TypeError, "start() takes a StepCapture");
+        return NULL;
+    }
+    Py_XSETREF(self->capture, (StepCapture *)Py_NewRef(arg));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+hook_stop(StepHook *self, PyObject *unused)
+{
+    Py_CLEAR(self->capture);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+hook_get_original(StepHook *self, void *closure)
+{
+    return Py_NewRef(self->orig);
+}
+
+static PyMethodDef hook_methods[] = {
+    {"start", (PyCFunction)hook_start, METH_O, "Record every step into this capture; None."},
+    {"stop", (PyCFunction)hook_stop, METH_NOARGS,
+     "Record no more (steps that started keep their capture); None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef hook_getset[] = {
+    {"original", (getter)hook_get_original, NULL, "The Handle._run this hook calls.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject StepHookType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "asgi_pprof._tracestep.StepHook",
+    .tp_basicsize = sizeof(StepHook),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "asyncio.Handle._run during a trace: runs the step, then records it.",
+    .tp_new = hook_new,
+    .tp_dealloc = (destructor)hook_dealloc,
+    .tp_traverse = (traverseproc)hook_traverse,
+    .tp_clear = (inquiry)hook_clear,
+    .tp_vectorcall_offset = offsetof(StepHook, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = hook_descr_get,
+    .tp_methods = hook_methods,
+    .tp_getset = hook_getset,
+};
+
+static struct PyModuleDef tracestep_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "asgi_pprof._tracestep",
+    .m_doc = "The execution trace's loop-step hook (asyncio.Handle._run) in C.",
+    .m_size = -1,
+};
+
+static int
+intern(PyObject **slot, const char *text)
+{
+    *slot = PyUnicode_InternFromString(text);
+    return *slot == NULL ? -1 : 0;
+}
+
+PyMODINIT_FUNC
+PyInit__tracestep(void)
+{
+    if (intern(&s_callback, "_callback") || intern(&s_loop, "_loop") ||
+        intern(&s_get_name, "get_name") || intern(&s_get_coro, "get_coro") ||
+        intern(&s_cr_code, "cr_code") || intern(&s_done, "done") ||
+        intern(&s_cancelled, "cancelled") || intern(&s_exception, "_exception") ||
+        intern(&s_name, "__name__") || intern(&s_self, "__self__") ||
+        intern(&s_records, "records") || intern(&s_requests, "requests") ||
+        intern(&s_finished, "finished") || intern(&s_first_step, "first_step") ||
+        intern(&s_see_loop, "see_loop") || intern(&s_full, "full") ||
+        intern(&s_cancelled_state, "cancelled") || intern(&s_result_state, "result") ||
+        intern(&s_exception_state, "exception") || intern(&s_code, "__code__"))
+        return NULL;
+    k_step = PyLong_FromLong(KIND_STEP);
+    k_done = PyLong_FromLong(KIND_DONE);
+    if (k_step == NULL || k_done == NULL)
+        return NULL;
+    if (PyType_Ready(&StepCaptureType) < 0 || PyType_Ready(&StepHookType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&tracestep_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "StepCapture", (PyObject *)&StepCaptureType) < 0 ||
+        PyModule_AddObjectRef(m, "StepHook", (PyObject *)&StepHookType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

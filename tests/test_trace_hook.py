@@ -1,0 +1,515 @@
+"""The trace's loop-step hook: the C one and its Python twin record the same steps, and a
+loop runs with either exactly as without: exceptions, re-entrancy, threads, refcounts."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import itertools
+import os
+import sys
+import threading
+import tracemalloc
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from asgi_pprof import trace_hook, tracing
+from asgi_pprof.options import Options
+from asgi_pprof.trace_events import DONE, NEW, STEP
+
+from .conftest import run_python
+
+HOOKS = [
+    "python",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            not trace_hook.available(), reason=f"no C hook: {trace_hook.unavailable_reason()}"
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=HOOKS)
+def native(request: pytest.FixtureRequest) -> bool:
+    """Return True for the C hook, False for the Python one (each test runs with both)."""
+    return bool(request.param == "native")
+
+
+@pytest.fixture
+def new_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        loop.close()
+
+
+class Recording:
+    """A recorder with only the step hook installed (no samplers), on ``loop``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, native: bool | None, **opts: Any) -> None:
+        self.rec = tracing._Recorder(loop, Options(**opts))
+        self.native = native
+
+    def __enter__(self) -> tracing._Recorder:
+        self.hook = trace_hook.install(self.rec, self.native)
+        self.rec.hook = self.hook
+        assert self.hook.native is bool(self.native)
+        return self.rec
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.hook.uninstall()
+
+
+# --- a workload with every kind of callback -----------------------------------------------
+
+
+def hook_test_function(out: list[str]) -> None:
+    out.append("function")
+
+
+class HookTestOwner:
+    def method(self, out: list[str]) -> None:
+        out.append("method")
+
+
+async def hook_test_child(n: int) -> int:
+    for _ in range(n):
+        await asyncio.sleep(0)
+    return n
+
+
+async def hook_test_fails() -> None:
+    await asyncio.sleep(0)
+    raise LookupError("hook_test_fails")
+
+
+async def hook_test_sleeps() -> None:
+    await asyncio.sleep(10)
+
+
+async def hook_test_main(out: list[str]) -> None:
+    loop = asyncio.get_running_loop()
+    pending: set[int] = {1}
+    loop.call_soon(hook_test_function, out)
+    loop.call_soon(HookTestOwner().method, out)
+    loop.call_soon(functools.partial(hook_test_function, out))
+    loop.call_soon(pending.discard, 1)  # a builtin method
+    loop.call_soon(lambda: out.append("lambda"))
+    await asyncio.create_task(hook_test_child(3), name="hook-child")
+    failing = asyncio.create_task(hook_test_fails(), name="hook-fails")
+    sleeping = asyncio.create_task(hook_test_sleeps(), name="hook-sleeps")
+    await asyncio.sleep(0)
+    sleeping.cancel()
+    results = await asyncio.gather(failing, sleeping, return_exceptions=True)
+    assert isinstance(results[0], LookupError)
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert not pending
+
+
+def normalized(records: list[Any]) -> list[tuple[Any, ...]]:
+    """Return the step, new and done records without what differs run to run (times, ids)."""
+    out: list[tuple[Any, ...]] = []
+    for r in records:
+        if r[0] == STEP:
+            _, _, t0, t1, what, name, _ = r
+            assert t0 <= t1
+            out.append((STEP, what, name))
+        elif r[0] == DONE:
+            out.append((DONE, r[4], r[5], r[8]))
+        elif r[0] == NEW:
+            out.append((NEW, r[4], r[5]))
+    return out
+
+
+def record_workload(native: bool | None) -> tuple[list[tuple[Any, ...]], list[str]]:
+    loop = asyncio.new_event_loop()
+    out: list[str] = []
+    try:
+        main = loop.create_task(hook_test_main(out), name="hook-main")
+        with Recording(loop, native) as rec:
+            loop.run_until_complete(main)
+        return normalized(rec.records), out
+    finally:
+        loop.close()
+
+
+@pytest.mark.skipif(not trace_hook.available(), reason="no C hook to compare with")
+def test_native_and_python_hooks_record_the_same_steps() -> None:
+    python, out_py = record_workload(False)
+    native, out_c = record_workload(True)
+    assert out_py == out_c == ["function", "method", "function", "lambda"]
+    assert native == python
+    whats = {r[1] for r in native if r[0] == STEP}
+    assert hook_test_function.__code__ in whats
+    assert HookTestOwner.method.__code__ in whats
+    assert "set.discard" in whats
+    assert any(isinstance(w, types.CodeType) and w.co_name == "<lambda>" for w in whats)
+    states = {r[1]: r[3] for r in native if r[0] == DONE}
+    assert states == {
+        "hook-child": "result",
+        "hook-fails": "exception",
+        "hook-sleeps": "cancelled",
+        "hook-main": "result",
+    }
+    # Each of the child's steps is named after its coroutine and its task.
+    child = [r for r in native if r[0] == STEP and r[2] == "hook-child"]
+    assert len(child) == 4
+    assert {r[1] for r in child} == {hook_test_child.__code__}
+
+
+def test_steps_are_recorded_with_their_loop_and_times(
+    native: bool, new_loop: asyncio.AbstractEventLoop
+) -> None:
+    with Recording(new_loop, native) as rec:
+        new_loop.run_until_complete(hook_test_child(5))
+        t0, t1 = rec.hook.step_times()
+    steps = [r for r in rec.records if r[0] == STEP]
+    assert len(steps) >= 6
+    assert {r[1] for r in steps} == {id(new_loop)}
+    assert rec.loops[id(new_loop)] == (new_loop, threading.get_ident())
+    assert all(a[3] <= b[2] for a, b in itertools.pairwise(steps))
+    assert 0 < t0 <= t1 == steps[-1][3]
+
+
+def test_a_bounded_capture_counts_what_it_drops(
+    native: bool, new_loop: asyncio.AbstractEventLoop
+) -> None:
+    with Recording(new_loop, native, trace_max_events=1000) as rec:
+        new_loop.run_until_complete(hook_test_child(3000))
+    assert 1000 <= len(rec.records) <= 1001  # the step that ends a task adds its DONE
+    assert rec.dropped >= 1900
+    assert rec.truncated_ns is not None
+
+
+# --- the loop behaves as without the hook -----------------------------------------------------
+
+
+def hook_test_raises() -> None:
+    raise ZeroDivisionError("hook_test_raises")
+
+
+def handled(hook: str, loop: asyncio.AbstractEventLoop) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Return what the loop's exception handler got for a failing callback, and the records."""
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda loop, context: seen.append(context))
+
+    async def main() -> None:
+        loop.call_soon(hook_test_raises)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    if hook == "none":
+        loop.run_until_complete(main())
+        return seen, []
+    with Recording(loop, hook == "native") as rec:
+        loop.run_until_complete(main())
+    return seen, rec.records
+
+
+def test_an_exception_in_a_callback_is_handled_as_without_the_hook(
+    native: bool, new_loop: asyncio.AbstractEventLoop
+) -> None:
+    before, _ = handled("none", new_loop)
+    after, records = handled("native" if native else "python", new_loop)
+    assert len(before) == len(after) == 1
+    for context in (before[0], after[0]):
+        assert set(context) == {"message", "exception", "handle"}
+        assert context["message"].startswith("Exception in callback ")
+        assert "hook_test_raises" in context["message"]
+        assert isinstance(context["exception"], ZeroDivisionError)
+        assert isinstance(context["handle"], asyncio.Handle)
+    assert before[0]["message"] == after[0]["message"]
+    assert hook_test_raises.__code__ in {r[4] for r in records if r[0] == STEP}
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_keyboard_interrupt_and_system_exit_propagate(
+    native: bool, new_loop: asyncio.AbstractEventLoop, exc: type[BaseException]
+) -> None:
+    def stop() -> None:
+        raise exc("from a callback")
+
+    with Recording(new_loop, native) as rec:
+        new_loop.call_soon(stop)
+        with pytest.raises(exc, match="from a callback"):
+            new_loop.run_forever()
+    assert stop.__code__ in {r[4] for r in rec.records if r[0] == STEP}  # recorded all the same
+    # The loop still works afterwards, hook or not.
+    assert new_loop.run_until_complete(hook_test_child(2)) == 2
+
+
+def test_a_step_inside_a_step_is_recorded_inside_it(
+    native: bool, new_loop: asyncio.AbstractEventLoop
+) -> None:
+    def inner() -> None:
+        pass
+
+    def outer() -> None:
+        # Re-entrant: a handle run from inside another step (what a nested loop does).
+        asyncio.Handle(inner, (), new_loop)._run()
+
+    with Recording(new_loop, native) as rec:
+        new_loop.call_soon(outer)
+        new_loop.run_until_complete(asyncio.sleep(0))
+    steps = {r[4]: r for r in rec.records if r[0] == STEP}
+    o, i = steps[outer.__code__], steps[inner.__code__]
+    assert o[2] <= i[2] <= i[3] <= o[3]
+
+
+def test_loops_in_several_threads(native: bool) -> None:
+    loops = [asyncio.new_event_loop() for _ in range(3)]
+    main = asyncio.new_event_loop()
+    try:
+        with Recording(main, native) as rec:
+            threads = [
+                threading.Thread(target=lp.run_until_complete, args=(hook_test_child(200),))
+                for lp in loops
+            ]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+        by_loop: dict[int, int] = {}
+        for r in rec.records:
+            if r[0] == STEP:
+                by_loop[r[1]] = by_loop.get(r[1], 0) + 1
+        assert all(by_loop.get(id(lp), 0) >= 201 for lp in loops), by_loop
+        assert {ident for _, ident in rec.loops.values()} == {th.ident for th in threads}
+    finally:
+        for lp in [*loops, main]:
+            lp.close()
+
+
+def test_the_step_that_ends_the_capture_is_still_recorded(
+    native: bool, new_loop: asyncio.AbstractEventLoop
+) -> None:
+    """A trace's own request ends the capture from inside a step (its task's)."""
+    rec = tracing._Recorder(new_loop, Options())
+    hook = trace_hook.install(rec, native)
+    ended: list[bool] = []
+
+    def ends_the_capture() -> None:
+        ended.append(hook.uninstall())
+
+    def after() -> None:
+        pass
+
+    new_loop.call_soon(ends_the_capture)
+    new_loop.call_soon(after)
+    new_loop.run_until_complete(asyncio.sleep(0))
+    assert ended == [True]
+    whats = [r[4] for r in rec.records if r[0] == STEP]
+    assert ends_the_capture.__code__ in whats
+    assert after.__code__ not in whats
+    assert asyncio.Handle.__dict__["_run"] is trace_hook._original_run
+
+
+def test_hook_replaced_during_the_capture_keeps_theirs(
+    native: bool, new_loop: asyncio.AbstractEventLoop
+) -> None:
+    original = asyncio.Handle.__dict__["_run"]
+    rec = tracing._Recorder(new_loop, Options())
+    hook = trace_hook.install(rec, native)
+    ours = asyncio.Handle.__dict__["_run"]
+    calls: list[int] = []
+
+    def theirs(self: asyncio.Handle) -> None:
+        calls.append(1)
+        ours(self)
+
+    asyncio.Handle._run = theirs  # type: ignore[method-assign]
+    try:
+        assert hook.uninstall() is False
+        assert asyncio.Handle.__dict__["_run"] is theirs
+        n = len(rec.records)
+        new_loop.run_until_complete(hook_test_child(3))
+        assert calls
+        assert len(rec.records) == n  # ours passes steps through, recording nothing
+    finally:
+        asyncio.Handle._run = original  # type: ignore[method-assign]
+
+
+# --- the C hook itself ------------------------------------------------------------------------
+
+needs_native = pytest.mark.skipif(not trace_hook.available(), reason="no C hook")
+
+
+@needs_native
+def test_native_hook_is_a_method_descriptor(new_loop: asyncio.AbstractEventLoop) -> None:
+    rec = tracing._Recorder(new_loop, Options())
+    hook = trace_hook.install(rec, True)
+    try:
+        installed = asyncio.Handle.__dict__["_run"]
+        assert asyncio.Handle._run is installed
+        handle = asyncio.Handle(hook_test_function, ([],), new_loop)
+        bound = handle._run
+        assert isinstance(bound, types.MethodType)
+        assert bound.__self__ is handle
+        with pytest.raises(TypeError):
+            installed()
+        with pytest.raises(TypeError):
+            installed(handle, handle)
+        out: list[str] = []
+        installed(asyncio.Handle(hook_test_function, (out,), new_loop))
+        assert out == ["function"]
+    finally:
+        assert hook.uninstall()
+    assert asyncio.Handle.__dict__["_run"] is trace_hook._original_run
+
+
+@needs_native
+def test_native_hook_keeps_refcounts(new_loop: asyncio.AbstractEventLoop) -> None:
+    """Many steps leave every object's refcount as it was, and no memory behind."""
+    owner = HookTestOwner()
+    out: list[str] = []
+    method = owner.method
+
+    async def steps(n: int) -> None:
+        for _ in range(n):
+            new_loop.call_soon(method, out)
+            new_loop.call_soon(hook_test_function, out)
+            await asyncio.sleep(0)
+
+    def run(n: int) -> None:
+        with Recording(new_loop, True) as rec:
+            new_loop.run_until_complete(steps(n))
+        assert len(rec.records) >= 3 * n
+        out.clear()
+
+    run(100)  # warm: caches, the loop's ready queue, code objects' co_extra
+    gc.collect()  # the recorder of that run holds the loop in a cycle
+    counts = [sys.getrefcount(x) for x in (owner, method, hook_test_function, new_loop, out)]
+    code_counts = [sys.getrefcount(c) for c in (HookTestOwner.method.__code__, steps.__code__)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        run(2000)
+        gc.collect()
+        first = tracemalloc.get_traced_memory()[0]
+        run(2000)
+        gc.collect()
+        second = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert [sys.getrefcount(x) for x in (owner, method, hook_test_function, new_loop, out)] == (
+        counts
+    )
+    assert [sys.getrefcount(c) for c in (HookTestOwner.method.__code__, steps.__code__)] == (
+        code_counts
+    )
+    assert second - first < 20_000, (first, second)  # 6 000 records each run: none left
+
+
+@needs_native
+def test_native_hook_survives_a_failing_recorder(new_loop: asyncio.AbstractEventLoop) -> None:
+    """An error while recording (a bug of ours) raises out of the step as the Python hook's
+    would, with the step's own exception as its context; the loop is not left broken."""
+    rec = tracing._Recorder(new_loop, Options())
+
+    def broken(loop: object) -> None:
+        raise RuntimeError("see_loop failed")
+
+    rec.see_loop = broken  # type: ignore[method-assign]
+    hook = trace_hook.install(rec, True)
+    try:
+
+        def stop() -> None:
+            raise KeyboardInterrupt
+
+        new_loop.call_soon(stop)
+        with pytest.raises(RuntimeError, match="see_loop failed") as info:
+            new_loop.run_forever()
+        assert isinstance(info.value.__context__, KeyboardInterrupt)
+    finally:
+        assert hook.uninstall()
+    assert new_loop.run_until_complete(hook_test_child(1)) == 1
+
+
+def test_install_refuses_a_native_hook_it_cannot_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        rec = tracing._Recorder(loop, Options())
+        monkeypatch.setattr(trace_hook, "_native", None)
+        monkeypatch.setattr(trace_hook, "_reason", "not built here")
+        with pytest.raises(ValueError, match="not built here"):
+            trace_hook.install(rec, True)
+        hook = trace_hook.install(rec, None)  # the default: the Python one
+        try:
+            assert hook.native is False
+            assert asyncio.Handle.__dict__["_run"] is trace_hook.run_step
+        finally:
+            assert hook.uninstall()
+    finally:
+        loop.close()
+
+
+def test_no_native_hook_under_the_switch() -> None:
+    """ASGI_PPROF_NO_NATIVE=1: the extension is never imported; captures use run_step."""
+    code = """
+        import asyncio, sys
+        from asgi_pprof import trace_hook, tracing
+        from asgi_pprof.concurrency import SleepWindow
+        from asgi_pprof.options import Options
+        assert not trace_hook.available()
+        assert "ASGI_PPROF_NO_NATIVE" in trace_hook.unavailable_reason()
+        assert "asgi_pprof._tracestep" not in sys.modules
+        seen = []
+        async def main():
+            t = asyncio.ensure_future(tracing.capture(0.05, SleepWindow(), Options()))
+            await asyncio.sleep(0.01)
+            seen.append(asyncio.Handle.__dict__["_run"] is trace_hook.run_step)
+            await t
+        asyncio.run(main())
+        assert seen == [True], seen
+        print("ok")
+    """
+    r = run_python(code, env={**os.environ, "ASGI_PPROF_NO_NATIVE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_child_forked_during_a_capture_runs_without_it(hook: str) -> None:
+    """The child's loop steps run through the original Handle._run again, and it can trace."""
+    code = f"""
+        import asyncio, os, sys
+        from asgi_pprof import trace_hook, tracing
+        from asgi_pprof.concurrency import SleepWindow
+        from asgi_pprof.options import Options
+        tracing._native_hook = {hook == "native"}
+
+        async def child() -> None:
+            assert not tracing.is_capturing()
+            assert asyncio.Handle.__dict__["_run"] is trace_hook._original_run
+            body = await tracing.capture(0.05, SleepWindow(), Options())  # not busy here
+            assert body.startswith(b"{{")
+
+        async def main() -> None:
+            t = asyncio.ensure_future(tracing.capture(0.3, SleepWindow(), Options()))
+            await asyncio.sleep(0.05)
+            assert tracing.is_capturing()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    asyncio.run(child())  # a new loop: the parent's belongs to the parent
+                except BaseException as exc:
+                    print("child failed:", repr(exc), file=sys.stderr)
+                    os._exit(1)
+                os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, status
+            await t
+
+        asyncio.run(main())
+        print("ok")
+    """
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok", r.stderr
