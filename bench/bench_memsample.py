@@ -212,22 +212,41 @@ def serve_child() -> None:
     asyncio.run(_serve())
 
 
-async def _fetch(url: str) -> tuple[float, int]:
-    """Return (seconds, body bytes) of a GET by curl: a client outside this process."""
-    proc = await asyncio.create_subprocess_exec(
-        "curl",
-        "-sf",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{time_total} %{size_download}",
-        url,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await proc.communicate()
-    assert proc.returncode == 0, url
-    took, size = out.split()
-    return float(took), int(size)
+_CLIENT = """
+import sys, time, urllib.request
+for url in sys.stdin:
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(url.strip(), timeout=600) as r:
+        size = len(r.read())
+    print(time.perf_counter() - t0, size, flush=True)
+"""
+
+
+class _Client:
+    """A client in another process, started once: no fork while the stall is measured."""
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CLIENT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+
+    async def get(self, url: str) -> tuple[float, int]:
+        """Return (seconds, body bytes) of one GET."""
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(url.encode() + b"\n")
+        await self.proc.stdin.drain()
+        took, size = (await self.proc.stdout.readline()).split()
+        return float(took), int(size)
+
+    async def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        await self.proc.wait()
 
 
 async def _serve() -> None:
@@ -247,13 +266,16 @@ async def _serve() -> None:
         ]
     )
     # A real server on this loop, a client in another process: the stall measured is the
-    # server's alone (an in-process client joins a 140 MB body on the loop itself).
+    # server's alone (an in-process client joins a 140 MB body on the loop itself, and
+    # starting a client per request forks this process on the loop).
     config = uvicorn.Config(app, host="127.0.0.1", port=0, loop="asyncio", log_level="warning")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
+    client = _Client()
+    await client.start()
     kept = []
     for n_funcs in (100, 2_000, 10_000):
         memprofile.set_memory_profile_rate(1)  # every allocation: buckets = stacks x sizes
@@ -268,7 +290,7 @@ async def _serve() -> None:
             for _ in range(3):
                 with LagMonitor() as lag:
                     await asyncio.sleep(0.01)
-                    took, size = await _fetch(f"http://127.0.0.1:{port}/debug/pprof/{path}")
+                    took, size = await client.get(f"http://127.0.0.1:{port}/debug/pprof/{path}")
                     await asyncio.sleep(0.01)
                 runs.append((took, lag.worst, size))
             first, later = runs[0], min(runs[1:])
@@ -277,6 +299,7 @@ async def _serve() -> None:
                 f"{first[0] * 1e3:7.1f} ms, stall {first[1] * 1e3:5.1f} ms; later read "
                 f"{later[0] * 1e3:7.1f} ms, stall {later[1] * 1e3:5.1f} ms (best of 2)"
             )
+    await client.close()
     server.should_exit = True
     await task
 
