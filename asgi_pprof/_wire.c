@@ -290,32 +290,46 @@ static int as_u64s(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t n, uint64
     return 0;
 }
 
-/* Append field `tag` as a varint unless it is proto3's default 0. */
-static int put_varint_field(Buf *b, unsigned char tag, uint64_t v) {
-    if (v == 0)
-        return 0;
-    if (buf_put(b, &tag, 1) < 0)
-        return -1;
-    return buf_varint(b, v);
+/* The small messages below are written into fixed arrays on the stack, not a Buf: a
+ * cold heap makes ~20 000 locations, and under tracemalloc every heap buffer is a traced
+ * allocation. A varint is at most 10 bytes, so a field is at most 11. */
+
+/* Write `v` as a varint at `p`; return the bytes written. */
+static size_t put_var(unsigned char *p, uint64_t v) {
+    size_t n = 0;
+    while (v >= 0x80) {
+        p[n++] = (unsigned char)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (unsigned char)v;
+    return n;
 }
 
-static PyObject *buf_take(Buf *b) {
-    PyObject *r = PyBytes_FromStringAndSize(b->data ? (const char *)b->data : "", b->len);
-    PyMem_Free(b->data);
-    b->data = NULL;
-    return r;
+/* Write field `tag` as a varint unless it is proto3's default 0; return the bytes written. */
+static size_t put_var_field(unsigned char *p, unsigned char tag, uint64_t v) {
+    if (v == 0)
+        return 0;
+    p[0] = tag;
+    return 1 + put_var(p + 1, v);
+}
+
+/* Write a length-delimited field (tag, length, `len` bytes of `src`) at `p`. */
+static size_t put_len_field(unsigned char *p, unsigned char tag, const unsigned char *src,
+                            size_t len) {
+    p[0] = tag;
+    size_t n = 1 + put_var(p + 1, len);
+    memcpy(p + n, src, len);
+    return n + len;
 }
 
 PyDoc_STRVAR(varint_doc, "varint(n) -> bytes\n\nReturn ``n`` as a protobuf (u)int64 varint.");
 
 static PyObject *varint(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t v[1];
-    Buf b = {0};
-    if (as_u64s(args, nargs, 1, v) < 0 || buf_varint(&b, v[0]) < 0) {
-        PyMem_Free(b.data);
+    unsigned char out[10];
+    if (as_u64s(args, nargs, 1, v) < 0)
         return NULL;
-    }
-    return buf_take(&b);
+    return PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)put_var(out, v[0]));
 }
 
 PyDoc_STRVAR(location_doc,
@@ -324,21 +338,17 @@ PyDoc_STRVAR(location_doc,
 
 static PyObject *location(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t v[4];
-    Buf line = {0}, body = {0}, out = {0};
-    PyObject *r = NULL;
+    unsigned char line[2 * 11], body[4 * 11 + sizeof line], out[2 + 1 + sizeof body];
     if (as_u64s(args, nargs, 4, v) < 0)
         return NULL;
-    if (put_varint_field(&line, 0x08, v[2]) < 0 || put_varint_field(&line, 0x10, v[3]) < 0 ||
-        put_varint_field(&body, 0x08, v[0]) < 0 || put_varint_field(&body, 0x10, 1) < 0 ||
-        put_varint_field(&body, 0x18, v[1]) < 0 || buf_field(&body, 0x22, &line) < 0 ||
-        buf_field(&out, 0x22, &body) < 0)
-        goto done;
-    r = buf_take(&out);
-done:
-    PyMem_Free(line.data);
-    PyMem_Free(body.data);
-    PyMem_Free(out.data);
-    return r;
+    size_t nl = put_var_field(line, 0x08, v[2]);
+    nl += put_var_field(line + nl, 0x10, v[3]);
+    size_t nb = put_var_field(body, 0x08, v[0]);
+    nb += put_var_field(body + nb, 0x10, 1);
+    nb += put_var_field(body + nb, 0x18, v[1]);
+    nb += put_len_field(body + nb, 0x22, line, nl);
+    size_t n = put_len_field(out, 0x22, body, nb);
+    return PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)n);
 }
 
 PyDoc_STRVAR(function_doc,
@@ -348,19 +358,16 @@ PyDoc_STRVAR(function_doc,
 
 static PyObject *function(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t v[4];
-    Buf body = {0}, out = {0};
-    PyObject *r = NULL;
+    unsigned char body[5 * 11], out[2 + 1 + sizeof body];
     if (as_u64s(args, nargs, 4, v) < 0)
         return NULL;
-    if (put_varint_field(&body, 0x08, v[0]) < 0 || put_varint_field(&body, 0x10, v[1]) < 0 ||
-        put_varint_field(&body, 0x18, v[1]) < 0 || put_varint_field(&body, 0x20, v[2]) < 0 ||
-        put_varint_field(&body, 0x28, v[3]) < 0 || buf_field(&out, 0x2A, &body) < 0)
-        goto done;
-    r = buf_take(&out);
-done:
-    PyMem_Free(body.data);
-    PyMem_Free(out.data);
-    return r;
+    size_t nb = put_var_field(body, 0x08, v[0]);
+    nb += put_var_field(body + nb, 0x10, v[1]);
+    nb += put_var_field(body + nb, 0x18, v[1]);
+    nb += put_var_field(body + nb, 0x20, v[2]);
+    nb += put_var_field(body + nb, 0x28, v[3]);
+    size_t n = put_len_field(out, 0x2A, body, nb);
+    return PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)n);
 }
 
 static PyMethodDef methods[] = {

@@ -9,11 +9,10 @@ import gzip
 import itertools
 import os
 import sys
-import sysconfig
 import types
 import zlib
 
-from . import symbols
+from . import native, symbols
 from .concurrency import yield_gil
 from .model import Frame, ProfileData, Sample, Stack, ValueType
 from .proto import profile_pb2 as pb
@@ -44,24 +43,8 @@ class _Strings:
         return i
 
 
-def _load_wire() -> types.ModuleType | None:
-    """Return the C sample encoder (``asgi_pprof._wire``), or None: not built, or refused.
-
-    Refused under ``ASGI_PPROF_NO_NATIVE=1`` and on a free-threaded build (importing a
-    module that needs the GIL would turn the GIL back on for the whole process).
-    """
-    if os.environ.get("ASGI_PPROF_NO_NATIVE", "") not in ("", "0"):
-        return None
-    if sysconfig.get_config_var("Py_GIL_DISABLED"):
-        return None
-    try:
-        from . import _wire
-    except ImportError:
-        return None
-    return _wire
-
-
-_wire = _load_wire()
+_wire = native.wire
+"""The C sample encoder (see :mod:`.native`), or None for the pure-Python path."""
 
 
 def _header(data: ProfileData, strings: _Strings) -> pb.Profile:
@@ -168,9 +151,9 @@ def _location(wire: types.ModuleType, frame: Frame) -> tuple[bytes, bytes, int]:
     if len(_locations) >= _LOCATION_CACHE_MAX:
         _locations.clear()
     lid = next(_next_location)
-    fid = symbols.function_id(frame) + 1
-    field = wire.location(lid, symbols.address_of(frame), fid, frame.line)
-    hit = _locations[frame] = (wire.varint(lid), field, fid)
+    fid = symbols.function_id(frame)  # once: each lookup builds and hashes a key tuple
+    field = wire.location(lid, symbols.address_in(fid, frame.line), fid + 1, frame.line)
+    hit = _locations[frame] = (wire.varint(lid), field, fid + 1)
     return hit
 
 

@@ -23,7 +23,7 @@ import threading
 import types
 from typing import TypeAlias
 
-from . import symbols
+from . import native, symbols
 from .model import Frame
 
 __all__ = ["MAX_FILES", "MAX_FRAMES", "Names", "Traceback", "cache_facts", "module_of", "names"]
@@ -49,12 +49,19 @@ PACKAGE_DIR = os.path.dirname(_probe.__code__.co_filename) + os.sep
 """Where asgi_pprof's files are, spelled as tracemalloc spells filenames."""
 
 
+_traces = native.traces
+
+
 def last_line(code: types.CodeType) -> int:
     """Return the last line any instruction of ``code`` starts on (``co_lines``' maximum).
 
     Read from ``co_linetable`` (the 3.11+ location table) byte by byte: iterating bytes
     yields cached small ints, where ``co_lines()`` allocates a tuple and ints per entry.
+    (In C when ``_traces`` is loaded: a cold heap reads ~10 000 tables.)
     """
+    if _traces is not None:
+        last: int = _traces.last_line(code.co_linetable, code.co_firstlineno)
+        return last
     # Lines relative to the first one: they stay small ints, which are cached (absolute
     # line numbers past 256 would be a new, traced int at every step).
     line = best = 0
@@ -313,6 +320,15 @@ class Names:
                 return tuple(map(self._frame_of, tb))
             except KeyError:
                 pass  # new frames: name them one by one (the cache may restart meanwhile)
+        return tuple(self._nested(tb))
+
+    def named(self, tb: Traceback) -> tuple[Frame, ...]:
+        """Return the leaf-first stack of ``tb`` named frame by frame, filling the caches.
+
+        What :meth:`stack` does when a lookup misses; the C path, which has made the
+        lookups already, calls this directly (a KeyError raised and caught is a dozen
+        traced allocations).
+        """
         return tuple(self._nested(tb))
 
     def _nested(self, tb: Traceback) -> list[Frame]:

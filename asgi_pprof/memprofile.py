@@ -31,15 +31,13 @@ import functools
 import logging
 import math
 import os
-import platform
-import sysconfig
 import threading
 import time
 import tracemalloc
-import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import native
 from .concurrency import yield_gil
 from .model import Frame, ProfileData, Sample, Stack, ValueType, function_name
 
@@ -72,7 +70,7 @@ ON_BY_DEFAULT = False
 Off until the benchmark (bench/bench_memsample.py) shows the cost is within Go's
 "minimal overhead" on the reference app; flip this one constant to turn it on."""
 
-ENV_NO_NATIVE = "ASGI_PPROF_NO_NATIVE"
+ENV_NO_NATIVE = native.ENV_NO_NATIVE
 ENV_RATE = "ASGI_PPROF_MEMORY_PROFILE_RATE"
 MAX_RATE = 1 << 62
 
@@ -91,22 +89,7 @@ _CHUNK = 256
 # --- loading ------------------------------------------------------------------------------
 
 
-def _load() -> tuple[types.ModuleType | None, str]:
-    """Return the extension module (or None) and, if None, why."""
-    if os.environ.get(ENV_NO_NATIVE, "") not in ("", "0"):
-        return None, f"{ENV_NO_NATIVE} is set"
-    if platform.python_implementation() != "CPython":
-        return None, f"{platform.python_implementation()} is not CPython"
-    if sysconfig.get_config_var("Py_GIL_DISABLED"):
-        return None, "the free-threaded build is not supported"
-    try:
-        from . import _memsample
-    except ImportError as exc:
-        return None, f"the native extension is not available ({exc})"
-    return _memsample, ""
-
-
-_native, _reason = _load()
+_native, _reason = native.load_or_why("_memsample")
 _lock = threading.Lock()
 
 

@@ -13,7 +13,7 @@ import threading
 
 from .model import Frame
 
-__all__ = ["BASE", "address_of", "entry_of", "function_id", "lookup"]
+__all__ = ["BASE", "address_in", "address_of", "entry_of", "function_id", "lookup"]
 
 BASE = 0x10000000
 """Start of the synthetic address space (above 0, so no address is ever 0)."""
@@ -45,7 +45,12 @@ def entry_of(frame: Frame) -> int:
 
 def address_of(frame: Frame) -> int:
     """Return the address of ``frame``'s line: its function's entry plus the line number."""
-    return entry_of(frame) + min(max(frame.line, 0), (1 << _BLOCK_SHIFT) - 1)
+    return address_in(function_id(frame), frame.line)
+
+
+def address_in(fid: int, line: int) -> int:
+    """Return the address of ``line`` in the function whose :func:`function_id` is ``fid``."""
+    return BASE + (fid << _BLOCK_SHIFT) + min(max(line, 0), (1 << _BLOCK_SHIFT) - 1)
 
 
 def lookup(address: int) -> str | None:

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
-import platform
-import sysconfig
 import threading
 import time
 import types
@@ -31,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import native
 from .trace_events import DONE, STEP
 
 if TYPE_CHECKING:
@@ -48,7 +46,7 @@ __all__ = [
     "unavailable_reason",
 ]
 
-ENV_NO_NATIVE = "ASGI_PPROF_NO_NATIVE"
+ENV_NO_NATIVE = native.ENV_NO_NATIVE
 
 _now = time.perf_counter_ns
 _get_ident = threading.get_ident
@@ -77,22 +75,7 @@ _original_run: Callable[[asyncio.Handle], None] = asyncio.Handle.__dict__["_run"
 """What ``Handle._run`` was before :func:`run_step` replaced it."""
 
 
-def _load() -> tuple[types.ModuleType | None, str]:
-    """Return the C hook's module (or None) and, if None, why."""
-    if os.environ.get(ENV_NO_NATIVE, "") not in ("", "0"):
-        return None, f"{ENV_NO_NATIVE} is set"
-    if platform.python_implementation() != "CPython":
-        return None, f"{platform.python_implementation()} is not CPython"
-    if sysconfig.get_config_var("Py_GIL_DISABLED"):
-        return None, "the free-threaded build is not supported"
-    try:
-        from . import _tracestep
-    except ImportError as exc:
-        return None, f"the native extension is not available ({exc})"
-    return _tracestep, ""
-
-
-_native, _reason = _load()
+_native, _reason = native.load_or_why("_tracestep")
 
 
 def available() -> bool:

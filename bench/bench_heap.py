@@ -7,8 +7,9 @@ serve ``heap`` (proto and text) for 10k, 100k and 1M live traced blocks, how lon
 snapshot held the GIL, and the largest event-loop lag each request caused; (3) on a FastAPI
 app of realistic size (tests/realapp.py) traced from interpreter start at 1 and 16
 frames, the first and later ``heap``'s wall and CPU time and asgi_pprof's own share of
-the traced bytes (left out of the profile); (4) the cost of ``allocs``: the GC-trigger
-sampler's overhead per collection and the time to serve it.
+the traced bytes (left out of the profile), and at 16 frames once on the pure-Python
+path; (4) the cost of ``allocs``: the GC-trigger sampler's overhead per collection and the
+time to serve it.
 """
 
 from __future__ import annotations
@@ -225,14 +226,18 @@ async def allocs_serve() -> None:
 # --- the realistic app under PYTHONTRACEMALLOC ---------------------------------------------------
 
 
-def realapp(frames: int, runs: int = 2, requests: int = 4) -> None:
-    """Print heap serve time (wall, process CPU) and our own share, tests/realapp.py traced."""
+def realapp(frames: int, runs: int = 2, requests: int = 4, native: bool = True) -> None:
+    """Print heap serve time (wall, process CPU) and our own share, tests/realapp.py traced.
+
+    ``native=False`` runs the pure-Python path (``ASGI_PPROF_NO_NATIVE=1``) for comparison.
+    """
     import json
     import os
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONTRACEMALLOC": str(frames), "PYTHONPATH": str(root)}
+    env["ASGI_PPROF_NO_NATIVE"] = "" if native else "1"
     results = []
     for _ in range(runs):  # fresh processes: the first request is the cold one
         out = subprocess.run(
@@ -252,9 +257,10 @@ def realapp(frames: int, runs: int = 2, requests: int = 4) -> None:
     text = [r["text_took"] for r in results]
     r0 = results[-1]
     share = r0["own_truth"] / max(1, r0["traced_total"])
+    path = "C grouping, naming and encoding" if native else "pure Python (ASGI_PPROF_NO_NATIVE=1)"
     print(
         f"== realistic FastAPI app (tests/realapp.py), PYTHONTRACEMALLOC={frames}, "
-        f"{runs} processes x {requests} heap requests"
+        f"{runs} processes x {requests} heap requests, {path}"
     )
     print(
         f"  {r0['stacks']:,} stacks, {r0['profile_bytes'] / 1e6:.1f} MB in the profile, "
@@ -278,6 +284,7 @@ def main() -> None:
     if not only or "realapp" in only:
         for frames in (1, FRAMES):
             realapp(frames)
+        realapp(FRAMES, runs=1, requests=2, native=False)
     if not only or "allocs" in only:
         allocs_cost()
         callback_cost()

@@ -39,10 +39,12 @@ def test_realapp_heap_at_16_frames_is_fast_and_holds_none_of_ours() -> None:
     assert got["stacks"] > 10_000, "not a heap of realistic size"
     # CPU seconds of the process per request, not wall time: other jobs on a shared
     # 2-core CI stretch wall time 2-3x. The issue's targets are 5 s first, 2 s later;
-    # measured here 6.2-7.9 s and 3.0-3.6 s with the C encoder (12-16 s and 8-11 s
-    # without it; 48-54 s and 9-21 s before issue 8). Bounds: twice what was measured.
-    assert got["cpu"][0] < 16, got
-    assert min(got["cpu"][1:]) < 8, got
+    # measured here (a loaded 2-core machine) 6.3-8.2 s and 2.3-3.0 s with traces grouped
+    # and named in C (_traces), 9.1 s and 3.1 s under coverage; 9.9-12.1 s and 3.9-5.8 s
+    # alongside in the same runs before it; 48-54 s and 9-21 s before issue 8. Bounds:
+    # about twice what was measured.
+    assert got["cpu"][0] < 14, got
+    assert min(got["cpu"][1:]) < 5, got
     # Our own allocations exist (tracemalloc's own view) but are out of the profile,
     # counted in the trailer instead.
     assert got["own_truth"] > 0
