@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import chains, creation, waits
-from .concurrency import yield_gil
 from .creation import Creation, track_task_creation
 from .labelling import task_labels, thread_labels
 from .model import Frame, Labels, Stack
@@ -285,6 +284,35 @@ def _thread_records(threads: chains.ThreadStacks) -> list[StackRecord]:
 
 # --- the snapshot ---------------------------------------------------------------------
 
+_PACE = 0.001
+"""Seconds of reading between two voluntary releases of the GIL."""
+
+
+class _Pacer:
+    """Gives the GIL back about every millisecond of work, the first time after 1 ms.
+
+    (Not :func:`concurrency.yield_gil`, whose clock runs across calls, so its first offer
+    can come before any work: in fgprof that let the loop move on between one tick's
+    reads, and this reader keeps its own clock as a precaution against the same.)
+
+    A thread that never blocks keeps the GIL until the switch interval (5 ms) forces it
+    off, so each time the event loop wakes it waits up to that long. Releasing it
+    ourselves every millisecond (``time.sleep(0)``, a real system call) lets a waiting
+    loop in at once: measured here, the loop's median wait while a busy thread ran
+    went from 5.2 ms to 0.1 ms and its worst from 5-32 ms to 0.5-6 ms, for the same work.
+    """
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = time.perf_counter() + _PACE
+
+    def __call__(self) -> None:
+        if time.perf_counter() >= self._next:
+            time.sleep(0)
+            self._next = time.perf_counter() + _PACE
+
+
 _UNREAD: Stack = (Frame("[stack changed while being read]", "<unknown>", 0, 0),)
 
 _Row = tuple[int, str, str, str, str, float | None, int, int, int, int, str, float, Labels]
@@ -361,8 +389,9 @@ class Snapshot:
         )
 
     def __iter__(self) -> Iterator[StackRecord]:
+        pace = _Pacer()  # whoever consumes the records (the dump) gives the GIL back too
         for row in self.rows:
-            yield_gil()  # whoever consumes the records (the dump) gives the GIL back too
+            pace()
             yield self.record(row)
         yield from self.threads
 
@@ -387,8 +416,9 @@ def snapshot(track_creation: bool = False) -> Snapshot:
     site_index: dict[tuple[Any, ...], int] = {}
     running: list[_Row] = []
     others: list[_Row] = []
+    pace = _Pacer()
     for task in _all_tasks():
-        yield_gil()
+        pace()
         try:
             if task.done():
                 continue
