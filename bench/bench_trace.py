@@ -263,25 +263,28 @@ class _Run:
         return True
 
 
+class _NoCPU:
+    """A CPU sampler stand-in that samples nothing: a trace without its CPU track."""
+
+    period_ns = 10_000_000
+
+    def subscribe(self, timeline: bool = False) -> Any:
+        from asgi_pprof import sampler
+
+        return sampler.Capture(period_ns=self.period_ns, timeline=[])
+
+    def unsubscribe(self, cap: Any) -> None:
+        pass
+
+    def release_signal(self) -> None:
+        pass
+
+
 def cycle_cost() -> None:
     print("== in-process: CPU per request-like cycle (3 loop steps, 1 task), 20 000 cycles")
     n = 20_000
-    from asgi_pprof import sampler
-
     real_get_sampler = tracing.get_sampler
     real_sample = tracing._Recorder._sample
-
-    class _NoCPU:
-        period_ns = 10_000_000
-
-        def subscribe(self, timeline: bool = False) -> Any:
-            return sampler.Capture(period_ns=self.period_ns, timeline=[])
-
-        def unsubscribe(self, cap: Any) -> None:
-            pass
-
-        def release_signal(self) -> None:
-            pass
 
     def no_wall(self: Any) -> None:
         self._stop.wait()
@@ -416,19 +419,6 @@ def encode_stall() -> None:
 def _hooks_only_cycles(mode: str, n: int) -> None:
     """Run ``n`` request-like cycles with no trace (``none``) or with only a step hook
     (``native``, ``python``: no samplers), the recorder installed directly (no JSON)."""
-    from asgi_pprof import sampler
-
-    class _NoCPU:
-        period_ns = 10_000_000
-
-        def subscribe(self, timeline: bool = False) -> Any:
-            return sampler.Capture(period_ns=self.period_ns, timeline=[])
-
-        def unsubscribe(self, cap: Any) -> None:
-            pass
-
-        def release_signal(self) -> None:
-            pass
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from asgi_pprof import create_app, sampler
+from asgi_pprof import create_app, sampler, trace_hook
 from asgi_pprof.concurrency import THREAD_PREFIX
 
 MOUNT = "/debug/pprof"
@@ -252,3 +252,17 @@ async def asgi_call(
     await app(scope, receive, send)
     took = time.monotonic() - t0
     return Result(status[0] if status else None, headers, b"".join(parts), took, parts)
+
+
+# --- the trace's two step hooks ---------------------------------------------------------
+
+STEP_HOOKS = [
+    "python",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            not trace_hook.available(), reason=f"no C hook: {trace_hook.unavailable_reason()}"
+        ),
+    ),
+]
+"""The trace's step hooks, as pytest params: the Python one, and the C one where built."""

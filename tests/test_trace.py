@@ -30,23 +30,12 @@ from asgi_pprof.concurrency import SleepWindow
 from asgi_pprof.options import Options
 from asgi_pprof.profiles import ProfileError
 
-from .conftest import ServerThread, mounted, own_threads
+from .conftest import STEP_HOOKS, ServerThread, mounted, own_threads
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(
-    autouse=True,
-    params=[
-        "python",
-        pytest.param(
-            "native",
-            marks=pytest.mark.skipif(
-                not trace_hook.available(), reason=f"no C hook: {trace_hook.unavailable_reason()}"
-            ),
-        ),
-    ],
-)
+@pytest.fixture(autouse=True, params=STEP_HOOKS)
 def step_hook(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run every test with the Python step hook and with the C one: the same trace."""
     monkeypatch.setattr(tracing, "_native_hook", request.param == "native")

@@ -21,17 +21,9 @@ from asgi_pprof import trace_hook, tracing
 from asgi_pprof.options import Options
 from asgi_pprof.trace_events import DONE, NEW, STEP
 
-from .conftest import run_python
+from .conftest import STEP_HOOKS, run_python
 
-HOOKS = [
-    "python",
-    pytest.param(
-        "native",
-        marks=pytest.mark.skipif(
-            not trace_hook.available(), reason=f"no C hook: {trace_hook.unavailable_reason()}"
-        ),
-    ),
-]
+HOOKS = STEP_HOOKS
 
 
 @pytest.fixture(params=HOOKS)
