@@ -15,7 +15,7 @@ One sampler thread (``asgi_pprof-fgprof``) serves every concurrent request and e
 the last one leaves. It never calls into a loop: tasks are read as the goroutine profile
 reads them (:mod:`chains`), and a suspended task's reading is kept while it waits on the
 same future (it cannot move without being woken), so an idle task costs a few C steps per
-reading. With many tasks, readings are spaced so they take about 1 % of a core (at least
+reading. With many tasks, readings are spaced so they take about 3 % of a core (at least
 one every 0.1 s); between two, each suspended task counts where it was last seen.
 """
 
@@ -24,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import operator
+import statistics
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from typing import TYPE_CHECKING, Any
@@ -47,10 +48,16 @@ __all__ = ["HZ", "Capture", "FgprofSampler", "get_sampler", "profile", "to_profi
 HZ = 99
 """fgprof's rate: 99 samples per second of wall time (off 100 Hz, to avoid lockstep)."""
 
-TASK_BUDGET = 0.01
-"""Share of a core reading tasks should take (1 %): with many tasks they are read less
-often than every tick (1 000 idle tasks: ~100-300 us a reading, so 30-99 times a second),
-and between two readings each suspended task counts at the line it was last seen at."""
+TASK_BUDGET = 0.03
+"""Share of a core reading tasks should take (3 %): with many tasks they are read less
+often than every tick (10 000 idle tasks: ~1-3 ms a reading, so 10-30 times a second),
+and between two readings each suspended task counts at the line it was last seen at.
+Not lower: a few busy request tasks cost 0.1-1 ms a reading (each new task is read in
+full), and at 1 % their readings were spaced out, which miscounted each short await by
+up to a reading interval (a 50 ms await's line read 14-30 % off, in CI)."""
+COST_READINGS = 5
+"""Readings whose median CPU time sets the spacing: one slow reading (a collection, a
+burst of new tasks) does not space out the next ones."""
 MAX_TASK_INTERVAL = 0.1
 """Longest time between two readings of the tasks (a task that moved or ended is seen
 within it; the first reading of many tasks, which reads every one, is the slow one)."""
@@ -118,6 +125,7 @@ class FgprofSampler:
         self._ticks = 0
         self._next_tasks = 0.0
         self._last_pass: Counter[int] = Counter()
+        self._costs: deque[float] = deque(maxlen=COST_READINGS)
         self._last_thread: dict[int, tuple[Stack, Labels, str, int]] = {}
         self._resolved: dict[int, tuple[frames.RawStack, Stack]] = {}
         self._keys: list[Key] = [((), ())]
@@ -161,6 +169,7 @@ class FgprofSampler:
                     self._resolved.clear()
                     self._last_pass = Counter()
                     self._next_tasks = 0.0
+                    self._costs.clear()
                     return
             try:
                 self._tick()
@@ -237,7 +246,8 @@ class FgprofSampler:
             busy = self._sample_tasks(stacks, ids, idle)
             # Many tasks: read them less often than every tick, so reading them costs about
             # TASK_BUDGET of a core, but at least every MAX_TASK_INTERVAL.
-            spacing = min(MAX_TASK_INTERVAL, (time.thread_time() - c0) / TASK_BUDGET)
+            self._costs.append(time.thread_time() - c0)
+            spacing = min(MAX_TASK_INTERVAL, statistics.median(self._costs) / TASK_BUDGET)
             self._next_tasks = start + spacing - self.interval / 2
         else:
             busy = self._sample_running(stacks, ids)
@@ -302,8 +312,11 @@ class FgprofSampler:
         if not loops:
             self._cache.clear()
             return set()
-        # The goroutine profile's finder of every task (C copies of asyncio's sets).
-        all_tasks = tasks._all_tasks()
+        # The goroutine profile's finder of every task (C copies of asyncio's sets), kept
+        # to the running loops' in C: a pending task of a dead loop (kept alive by a
+        # reference) would otherwise cost Python steps every reading, which spaces the
+        # readings out; 3 000 of them made a finished await count 25-60 % too long.
+        all_tasks = _of_loops(tasks._all_tasks(), loops)
         # Every task's waiter and its cache entry, compared in C: an idle task costs a
         # few C steps per tick, no bytecode, no allocation, no stack hashed.
         try:
@@ -381,6 +394,18 @@ def _add(acc: dict[int, list[int]], counted: Counter[int], elapsed: int) -> None
         else:
             got[0] += n
             got[1] += n * elapsed
+
+
+_GET_LOOP = operator.methodcaller("get_loop")
+
+
+def _of_loops(found: list[Any], loops: dict[int, Any]) -> list[Any]:
+    """Return the tasks of ``found`` whose loop is one of ``loops`` (by id)."""
+    try:
+        ids = map(id, map(_GET_LOOP, found))
+        return list(compress(found, map(loops.__contains__, ids)))
+    except Exception:  # a task class of its own: the slow way
+        return [t for t in found if id(getattr(t, "_loop", None)) in loops]
 
 
 def _waiter_of(task: Any) -> Any:

@@ -221,3 +221,33 @@ async def test_many_tasks_read_less_often_keep_their_time() -> None:
     # 3 000 tasks x the window, less a reading interval at each end (<= 10 % of 0.6 s).
     assert abs(total - 3000 * win_ns) < 0.1 * 3000 * win_ns, (total / 1e9, win_ns / 1e9)
     print(f"3000 tasks: {n / 3000:.0f} readings in {win_ns / 1e9:.2f} s")
+
+
+async def test_readings_skip_tasks_of_dead_loops_in_c() -> None:
+    # Pending tasks of a closed loop, kept alive by a reference (another test's, a
+    # library's), are left out before any per-task Python step of a reading.
+    kept: list[asyncio.Task[None]] = []
+
+    async def make() -> None:
+        kept.extend(asyncio.ensure_future(asyncio.Event().wait()) for _ in range(50))
+        await asyncio.sleep(0)
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(make())
+        loop.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    mine = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    found = fgprof._of_loops([*kept, mine], {id(loop): loop})
+    assert found == [mine]
+    assert all(not k.done() for k in kept)
+
+    class Odd:  # a task-like object with no get_loop(): the slow way, same answer
+        _loop = loop
+
+    odd = Odd()
+    assert fgprof._of_loops([odd, *kept], {id(loop): loop}) == [odd]
