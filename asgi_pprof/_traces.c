@@ -370,19 +370,13 @@ static PyObject *cached_frame(PyObject *fr, Py_ssize_t depth, PyObject *frames,
     return PyList_GET_ITEM(outer, depth - 1);
 }
 
-/* Return a new tuple naming each frame of tb from the caches, as Names.stack does: all at
- * depth 0 when no frame is in `multi`; else a frame on the line of the one before it is
- * one level further out (depth 1, 2, ...). NULL with no exception set when a name is not
- * cached (the caller names that traceback in Python). */
-static PyObject *cached_stack(PyObject *tb, PyObject *frames, PyObject *multi,
-                              PyObject *deeper) {
+/* Return a new tuple naming each frame of tb. With `nested`, a frame on the line of the
+ * one before it is one level further out (depth 1, 2, ...); without, every frame is at
+ * depth 0. Each name comes from the caches; one not cached comes from frame(fr, depth),
+ * which fills them, or with frame NULL the result is NULL with no exception set. */
+static PyObject *name_stack(PyObject *tb, int nested, PyObject *frames, PyObject *deeper,
+                            PyObject *frame) {
     Py_ssize_t n = PyTuple_GET_SIZE(tb);
-    int nested = 0;
-    for (Py_ssize_t i = 0; i < n && !nested; i++) {
-        nested = PySet_Contains(multi, PyTuple_GET_ITEM(tb, i));
-        if (nested < 0)
-            return NULL;
-    }
     PyObject *stack = PyTuple_New(n);
     if (stack == NULL)
         return NULL;
@@ -396,9 +390,23 @@ static PyObject *cached_stack(PyObject *tb, PyObject *frames, PyObject *multi,
             depth = same ? depth + 1 : 0;
         }
         PyObject *f = cached_frame(fr, depth, frames, deeper);
+        if (f != NULL) {
+            Py_INCREF(f); /* before any callback: it may clear the caches */
+        } else if (PyErr_Occurred() || frame == NULL) {
+            goto fail;
+        } else if (depth == 0) {
+            f = PyObject_CallOneArg(frame, fr);
+        } else {
+            PyObject *d = PyLong_FromSsize_t(depth);
+            if (d == NULL)
+                goto fail;
+            PyObject *call[2] = {fr, d};
+            f = PyObject_Vectorcall(frame, call, 2, NULL);
+            Py_DECREF(d);
+        }
         if (f == NULL)
             goto fail;
-        PyTuple_SET_ITEM(stack, i, Py_NewRef(f));
+        PyTuple_SET_ITEM(stack, i, f);
     }
     return stack;
 fail:
@@ -406,12 +414,28 @@ fail:
     return NULL;
 }
 
+/* Return a new tuple naming tb from the caches alone, as Names.stack does: all at depth 0
+ * when no frame is in `multi`, else nested; NULL with no exception set when a name is
+ * not cached. On a miss, name_stack(tb, 1, ..., frame) names it as Names._nested does:
+ * only new frames run Python (one new line of sixteen makes one call, not sixteen). */
+static PyObject *cached_stack(PyObject *tb, PyObject *frames, PyObject *multi,
+                              PyObject *deeper) {
+    int nested = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tb) && !nested; i++) {
+        nested = PySet_Contains(multi, PyTuple_GET_ITEM(tb, i));
+        if (nested < 0)
+            return NULL;
+    }
+    return name_stack(tb, nested, frames, deeper, NULL);
+}
+
 PyDoc_STRVAR(samples_doc,
-"samples(rows, start, stop, frames, multi, deeper, stack, sample) -> list\n\n"
+"samples(rows, start, stop, frames, multi, deeper, frame, sample) -> list\n\n"
 "Return ``sample(stack, [inuse_objects, inuse_space])`` for each row of\n"
 "``rows[start:stop]``. A row's stack is its traceback's frames named from the caches\n"
 "of heap_names.Names (``frames``, ``multi``, ``deeper``) as ``Names.stack`` names\n"
-"them; when a name is not cached, ``stack(traceback)`` instead.");
+"them; when a name is not cached, as ``Names.stack`` does then, calling\n"
+"``frame((filename, line), depth)`` for each frame not cached.");
 
 static PyObject *samples(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t start, stop;
@@ -422,7 +446,7 @@ static PyObject *samples(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (slice_args(args, 3, "rows", &start, &stop) < 0)
         return NULL;
     PyObject *rows = args[0], *frames = args[3], *multi = args[4], *deeper = args[5];
-    PyObject *name = args[6], *sample = args[7];
+    PyObject *frame = args[6], *sample = args[7];
     if (!PyDict_Check(frames) || !PyAnySet_Check(multi) || !PyDict_Check(deeper)) {
         PyErr_SetString(PyExc_TypeError, "frames and deeper must be dicts, multi a set");
         return NULL;
@@ -441,13 +465,8 @@ static PyObject *samples(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         Py_INCREF(row);
         PyObject *tb = PyTuple_GET_ITEM(row, 2);
         PyObject *stack = cached_stack(tb, frames, multi, deeper);
-        if (stack == NULL && !PyErr_Occurred()) {
-            stack = PyObject_CallOneArg(name, tb);
-            if (stack != NULL && !PyTuple_Check(stack)) {
-                Py_SETREF(stack, NULL);
-                PyErr_SetString(PyExc_TypeError, "stack() must return a tuple");
-            }
-        }
+        if (stack == NULL && !PyErr_Occurred())
+            stack = name_stack(tb, 1, frames, deeper, frame);
         PyObject *values = stack ? PyList_New(2) : NULL;
         PyObject *s = NULL;
         if (values != NULL) {

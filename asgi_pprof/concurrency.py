@@ -1,17 +1,21 @@
 """The one home of "run this off the event loop" and "wait, unless the client leaves or
 the server shuts down".
 
-Heavy work (snapshots, encoding, gzip, rendering) runs in anyio worker threads that are
-renamed ``asgi_pprof-work`` while they work for us, so the CPU sampler leaves them out
-and tests can see that none is left behind.
+Heavy work (snapshots, encoding, gzip, rendering) runs in asgi_pprof's own worker
+threads, named ``asgi_pprof-work`` while they work (``asgi_pprof-pool`` while idle), so
+the CPU sampler leaves them out and tests can see that none is left behind.
 """
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import contextlib
+import contextvars
 import functools
 import gc
+import os
+import queue
 import signal
 import threading
 import time
@@ -29,7 +33,9 @@ import anyio.to_thread
 # Loaded here instead, when an app is made, at the host's start-up.
 
 __all__ = [
+    "POOL_NAME",
     "THREAD_PREFIX",
+    "WORK_NAME",
     "RequestWindow",
     "SleepWindow",
     "Window",
@@ -68,7 +74,7 @@ def is_own_thread(name: str) -> bool:
 def _as_own_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     me = threading.current_thread()
     old = me.name
-    me.name = THREAD_PREFIX + "work"
+    me.name = WORK_NAME
     try:
         return fn(*args, **kwargs)
     finally:
@@ -76,9 +82,136 @@ def _as_own_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 
 
 async def run_in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Return ``fn(*args, **kwargs)``, computed in a worker thread, not on the event loop."""
-    call = functools.partial(_as_own_thread, fn, *args, **kwargs)
-    return await anyio.to_thread.run_sync(call, limiter=_get_limiter())
+    """Return ``fn(*args, **kwargs)``, computed in a worker thread, not on the event loop.
+
+    At most 4 at a time (our own limiter). Like anyio's ``to_thread.run_sync``, a
+    cancelled caller still waits for the call to end, and the call sees the caller's
+    context variables.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # another anyio backend (trio): anyio's threads
+        call = functools.partial(_as_own_thread, fn, *args, **kwargs)
+        return await anyio.to_thread.run_sync(call, limiter=_get_limiter())
+    async with _get_limiter():
+        fut: asyncio.Future[T] = loop.create_future()
+        ctx = contextvars.copy_context()
+        _pool.submit((loop, fut, ctx, fn, args, kwargs))
+        with anyio.CancelScope(shield=True):
+            result = await fut
+        return result
+
+
+# --- our worker threads ----------------------------------------------------------------
+#
+# Not anyio's (nor threading.Thread's): under tracemalloc every allocation records its
+# stack's file:line pairs, up to 16 frames, and CPython finds a frame's line by scanning
+# its code's line table from the start. A threading.Thread's bootstrap frames (long
+# functions, called from deep inside them) and anyio's worker loop made each allocation
+# of our work cost 3-4 times what it costs at the bottom of a bare thread (300 000
+# allocations at 16 frames: 1.9-2.4 s against 0.4-0.6 s), and the exact heap of a large
+# app makes hundreds of thousands of them. So the pool's threads are started with
+# ``_thread.start_new_thread``: the work runs two short frames from the bottom. Each
+# thread takes a ``threading`` name (its ``current_thread()``), so every reader of thread
+# names sees ours; there are at most 4 and they live as long as the process.
+
+WORK_NAME = THREAD_PREFIX + "work"
+POOL_NAME = THREAD_PREFIX + "pool"
+"""A pool thread's name while it waits for work."""
+POOL_SIZE = 4
+
+
+def _settle_soon(
+    loop: asyncio.AbstractEventLoop,
+    fut: asyncio.Future[Any],
+    result: object,
+    exc: BaseException | None,
+) -> None:
+    # RuntimeError: the loop closed, nobody is waiting. Nothing may end a pool thread.
+    with contextlib.suppress(Exception):
+        loop.call_soon_threadsafe(_settle, fut, result, exc)
+
+
+def _settle(fut: asyncio.Future[Any], result: object, exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
+
+
+Job = tuple[
+    asyncio.AbstractEventLoop,
+    "asyncio.Future[Any]",
+    contextvars.Context,
+    Callable[..., Any],
+    tuple[Any, ...],
+    dict[str, Any],
+]
+"""A call for the pool: the caller's loop and future, its context, the function and its
+arguments."""
+
+
+def _pool_main(pool: _Pool) -> None:
+    # Short, and the call near its start, on purpose: this frame's line is looked up for
+    # every allocation of the work (see above).
+    me = threading.current_thread()
+    me.name = POOL_NAME
+    while True:
+        loop, fut, ctx, fn, args, kwargs = pool.jobs.get()
+        me.name = WORK_NAME
+        try:
+            result, exc = ctx.run(fn, *args, **kwargs), None
+        except BaseException as e:  # handed to the caller, as anyio's threads do
+            result, exc = None, e
+        # Idle before the caller can see the result: it then finds no thread at work.
+        me.name = POOL_NAME
+        pool.finished()
+        _settle_soon(loop, fut, result, exc)
+        del loop, fut, ctx, fn, args, kwargs, result, exc  # an idle thread holds nothing
+
+
+class _Pool:
+    """Up to :data:`POOL_SIZE` bare threads taking jobs from one queue."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._busy = 0
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; start a thread if every one is busy and there is room."""
+        with self._lock:
+            self._busy += 1
+            start = self._busy > self._threads and self._threads < POOL_SIZE
+            if start:
+                self._threads += 1
+        self.jobs.put(job)
+        if start:
+            _thread.start_new_thread(_pool_main, (self,))
+
+    def finished(self) -> None:
+        """Count one job done (a pool thread calls it)."""
+        with self._lock:
+            self._busy -= 1
+
+    def threads(self) -> int:
+        """Return how many pool threads were started (they never end)."""
+        return self._threads
+
+
+_pool = _Pool()
+
+
+def _pool_after_fork_in_child() -> None:
+    # The parent's pool threads do not exist in the child (threading forgets their names).
+    global _pool
+    _pool = _Pool()
+
+
+os.register_at_fork(after_in_child=_pool_after_fork_in_child)
 
 
 class Window(Protocol):

@@ -95,7 +95,7 @@ def samples(rows: list[Row]) -> list[Sample]:
         if ext is not None:
             nm = names
             stop = start + ROWS_SLICE
-            out += ext.samples(rows, start, stop, nm.frames, nm.multi, nm.deeper, nm.named, Sample)
+            out += ext.samples(rows, start, stop, nm.frames, nm.multi, nm.deeper, nm.frame, Sample)
             continue
         append = out.append
         stack = names.stack

@@ -322,15 +322,6 @@ class Names:
                 pass  # new frames: name them one by one (the cache may restart meanwhile)
         return tuple(self._nested(tb))
 
-    def named(self, tb: Traceback) -> tuple[Frame, ...]:
-        """Return the leaf-first stack of ``tb`` named frame by frame, filling the caches.
-
-        What :meth:`stack` does when a lookup misses; the C path, which has made the
-        lookups already, calls this directly (a KeyError raised and caught is a dozen
-        traced allocations).
-        """
-        return tuple(self._nested(tb))
-
     def _nested(self, tb: Traceback) -> list[Frame]:
         # Neighbours on one line are codes nested in each other: depth 0, 1, ...
         out: list[Frame] = []

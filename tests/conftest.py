@@ -26,7 +26,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from asgi_pprof import create_app, sampler, trace_hook
-from asgi_pprof.concurrency import THREAD_PREFIX
+from asgi_pprof.concurrency import POOL_NAME, THREAD_PREFIX
 
 MOUNT = "/debug/pprof"
 
@@ -52,7 +52,7 @@ def anyio_backend() -> str:
 
 
 def own_threads() -> list[threading.Thread]:
-    """Return the asgi_pprof threads alive now, but for idle CPU samplers.
+    """Return the asgi_pprof threads alive now, but for idle CPU samplers and pool threads.
 
     The CPU sampler's thread is long-lived by design (one per process and rate, idle with
     no timers while no capture runs); a sampler with a capture left running is a leak.
@@ -65,7 +65,10 @@ def own_threads() -> list[threading.Thread]:
     return [
         t
         for t in threading.enumerate()
-        if t.name.startswith(THREAD_PREFIX) and t.is_alive() and t not in idle
+        if t.name.startswith(THREAD_PREFIX)
+        and t.name != POOL_NAME  # an idle worker of our pool: long-lived by design too
+        and t.is_alive()
+        and t not in idle
     ]
 
 

@@ -133,27 +133,49 @@ def test_samples_name_nested_codes_as_names_stack_does() -> None:
 @needs_ext
 def test_samples_call_back_for_frames_not_cached() -> None:
     assert ext is not None
-    calls: list[Traceback] = []
+    calls: list[tuple[tuple[str, int], int]] = []
     frames: dict[tuple[str, int], Any] = {("/a.py", 1): "A"}
 
-    def stack(tb: Traceback) -> tuple[Any, ...]:
-        calls.append(tb)
-        return ("named",) * len(tb)
+    def frame(fr: tuple[str, int], depth: int = 0) -> str:
+        calls.append((fr, depth))
+        return f"new {fr[0]}:{fr[1]}@{depth}"
 
     rows = [(1, 2, (("/a.py", 1),)), (3, 4, (("/a.py", 1), ("/b.py", 2)))]
-    got = ext.samples(rows, 0, 2, frames, set(), {}, stack, Sample)
-    assert [s.stack for s in got] == [("A",), ("named", "named")]
-    assert calls == [rows[1][2]]
-    got = ext.samples(rows, 0, 2, frames, {("/a.py", 1)}, {}, stack, Sample)
-    assert [s.stack for s in got] == [("A",), ("named", "named")]  # depth 0: the same
+    got = ext.samples(rows, 0, 2, frames, set(), {}, frame, Sample)
+    assert [s.stack for s in got] == [("A",), ("A", "new /b.py:2@0")]
+    assert calls == [(("/b.py", 2), 0)]  # only the frame not cached calls back
+    calls.clear()
     tb = (("/a.py", 1), ("/a.py", 1))
-    got = ext.samples([(1, 1, tb)], 0, 1, frames, {("/a.py", 1)}, {}, stack, Sample)
-    assert got[0].stack == ("named", "named")  # depth 1 is not cached
+    got = ext.samples([(1, 1, tb)], 0, 1, frames, {("/a.py", 1)}, {}, frame, Sample)
+    assert got[0].stack == ("A", "new /a.py:1@1")  # depth 1 is not cached
+    assert calls == [(("/a.py", 1), 1)]
     deeper = {("/a.py", 1): ["A1"]}
-    got = ext.samples([(1, 1, tb)], 0, 1, frames, {("/a.py", 1)}, deeper, stack, Sample)
+    got = ext.samples([(1, 1, tb)], 0, 1, frames, {("/a.py", 1)}, deeper, frame, Sample)
     assert got[0].stack == ("A", "A1")
-    got = ext.samples([(1, 1, tb)], 0, 1, frames, set(), deeper, stack, Sample)
+    got = ext.samples([(1, 1, tb)], 0, 1, frames, set(), deeper, frame, Sample)
     assert got[0].stack == ("A", "A")  # no nested code on the line: depth 0 throughout
+    calls.clear()
+    # A miss names the whole traceback frame by frame, as Names._nested: depth counts
+    # repeats even off `multi`, and cached neighbours are taken from the caches.
+    tb3 = (("/b.py", 2), ("/a.py", 1), ("/a.py", 1))
+    got = ext.samples([(1, 1, tb3)], 0, 1, frames, set(), deeper, frame, Sample)
+    assert got[0].stack == ("new /b.py:2@0", "A", "A1")
+    assert calls == [(("/b.py", 2), 0)]
+
+    def clearing(fr: tuple[str, int], depth: int = 0) -> str:
+        frames.clear()  # a cache restart in the callback: names already taken stay valid
+        return "x"
+
+    frames["/a.py", 1] = "A"
+    got = ext.samples([(1, 1, (("/a.py", 1), ("/c.py", 3)))], 0, 1, frames, set(), {}, clearing,
+                      Sample)  # fmt: skip
+    assert got[0].stack == ("A", "x")
+
+    def failing(fr: tuple[str, int], depth: int = 0) -> str:
+        raise LookupError("naming failed")
+
+    with pytest.raises(LookupError, match="naming failed"):
+        ext.samples([(1, 1, (("/d.py", 4),))], 0, 1, {}, set(), {}, failing, Sample)
 
 
 @needs_ext
@@ -184,7 +206,7 @@ def test_c_is_refcount_neutral() -> None:
         rows, _, _ = g.rows(PACKAGE_DIR, 0, len(g))
         del g
         samples = ext.samples([(1, 2, (("/x/leaf.py", 1),))] * 50, 0, 50, frames, set(), {},
-                              heap_names.names.stack, Sample)  # fmt: skip
+                              heap_names.names.frame, Sample)  # fmt: skip
         del rows, samples
     assert (sys.getrefcount(tb), sys.getrefcount(frame), sys.getrefcount(traces[0])) == before
 
@@ -232,13 +254,11 @@ def test_rows_and_samples_reject_bad_input() -> None:
     g.add([(0, 1, ((1, 2),), 1)], 0, 1)
     with pytest.raises(TypeError, match="filename, line"):
         g.rows("/", 0, 1)
-    args: tuple[Any, ...] = ({}, set(), {}, heap_names.names.stack, Sample)
+    args: tuple[Any, ...] = ({}, set(), {}, heap_names.names.frame, Sample)
     with pytest.raises(TypeError, match="row is"):
         ext.samples([(1, 2)], 0, 1, *args)
     with pytest.raises(TypeError, match="must be dicts"):
-        ext.samples([], 0, 0, [], set(), {}, heap_names.names.stack, Sample)
-    with pytest.raises(TypeError, match="must return a tuple"):
-        ext.samples([(1, 2, (("/a", 1),))], 0, 1, {}, set(), {}, lambda tb: [], Sample)
+        ext.samples([], 0, 0, [], set(), {}, heap_names.names.frame, Sample)
     with pytest.raises(TypeError):
         ext.samples([], 0, 0)
     with pytest.raises(TypeError):

@@ -26,7 +26,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from asgi_pprof import create_app, limits, trace_hook, tracing
-from asgi_pprof.concurrency import SleepWindow
+from asgi_pprof.concurrency import POOL_NAME, SleepWindow
 from asgi_pprof.options import Options
 from asgi_pprof.profiles import ProfileError
 
@@ -463,7 +463,7 @@ def hooks() -> dict[str, Any]:
         "threads": sorted(
             t.name
             for t in threading.enumerate()
-            if t.name not in ("AnyIO worker thread", "asgi_pprof-sampler")
+            if t.name not in ("AnyIO worker thread", "asgi_pprof-sampler", POOL_NAME)
         ),
         "capturing": tracing.is_capturing(),
     }
