@@ -111,7 +111,7 @@ async def run_in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -
 # of our work cost 3-4 times what it costs at the bottom of a bare thread (300 000
 # allocations at 16 frames: 1.9-2.4 s against 0.4-0.6 s), and the exact heap of a large
 # app makes hundreds of thousands of them. So the pool's threads are started with
-# ``_thread.start_new_thread``: the work runs two short frames from the bottom. Each
+# ``_thread.start_new_thread``: the work runs one short frame from the bottom. Each
 # thread takes a ``threading`` name (its ``current_thread()``), so every reader of thread
 # names sees ours; there are at most 4 and they live as long as the process.
 
