@@ -19,7 +19,9 @@ are kept, then they share one label; the total is bounded by ``MAX_LABELS``.
 
 from __future__ import annotations
 
+import itertools
 import types
+from collections.abc import Iterator
 from typing import Any, TypeGuard
 
 __all__ = ["MAX_LABELS", "MAX_UNROUTED", "Requests", "find_scope", "template"]
@@ -152,17 +154,24 @@ class Requests:
     """
 
     def __init__(self) -> None:
+        # The C step hook (``_tracestep``) reads and fills the public dicts below in
+        # place (they are never rebound): both hooks number and label requests as one.
         self.of_task: dict[int, int] = {}
         """``id(task) -> request number`` for live request tasks."""
         self.labels: dict[int, str] = {}
         """``request number -> label``, once the request finished or the capture ended."""
-        self._scopes: dict[int, dict[str, Any]] = {}
+        self.scopes: dict[int, dict[str, Any]] = {}
+        """``request number -> scope`` of requests not labelled yet."""
+        self.by_path: dict[tuple[str, str], str] = {}
+        """``(method, path) -> label``: the same method and path route the same way."""
+        self.scope_at: dict[types.CodeType, int | bool] = {}
+        """The C hook's memo per coroutine code: where its scope was, False for none."""
+        self.numbers: Iterator[int] = itertools.count(1)
+        """The request numbers still free (shared by both hooks)."""
         self._codes: dict[types.CodeType, Where | None] = {}
         """Per coroutine code: where its scope is, or None when it has none."""
         self._distinct: set[str] = set()
-        self._by_path: dict[tuple[str, str], str] = {}
         self._unrouted = 0
-        self._next = 1
 
     def task_created(self, key: int, coro: object, code: types.CodeType | None) -> int | None:
         """Return the request number of a new task (``key``: its id), None if it serves none."""
@@ -181,24 +190,24 @@ class Requests:
             scope, new_where = found
             if code is not None:
                 self._codes[code] = new_where
-        n = self._next
-        self._next += 1
+        n = next(self.numbers)
         self.of_task[key] = n
-        self._scopes[n] = scope
+        self.scopes[n] = scope
         return n
 
     def finished(self, n: int) -> None:
         """Compute the label of request ``n`` (its task finished) and forget its scope."""
-        scope = self._scopes.pop(n, None)
+        scope = self.scopes.pop(n, None)
         if scope is not None:
             self.labels[n] = self.label(scope)
 
     def finish_all(self) -> None:
         """Label every request still running (the capture ends)."""
-        for n in list(self._scopes):
+        for n in list(self.scopes):
             self.finished(n)
-        self.of_task = {}
-        self._codes = {}
+        self.of_task.clear()
+        self._codes.clear()
+        self.scope_at.clear()
 
     def label(self, scope: dict[str, Any]) -> str:
         """Return ``METHOD /route/{param}`` for a scope, bounded in number (see the module)."""
@@ -210,11 +219,11 @@ class Requests:
             path = "?"
         # The same method and path route the same way: most requests are a lookup.
         key = (method, path)
-        text = self._by_path.get(key)
+        text = self.by_path.get(key)
         if text is None:
             text = self._label(scope, method, path)
-            if len(self._by_path) < 10_000:
-                self._by_path[key] = text
+            if len(self.by_path) < 10_000:
+                self.by_path[key] = text
         return text
 
     def _label(self, scope: dict[str, Any], method: str, path: str) -> str:

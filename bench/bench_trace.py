@@ -480,12 +480,13 @@ def instructions() -> None:
         )
 
 
-def server_instructions(n: int = 200, path: str = "/hello") -> None:
+def server_instructions(n: int = 300, path: str = "/hello", rounds: int = 3) -> None:
     print(
         f"== the reference app under callgrind, deterministic: CPU instructions per request "
-        f"({path}, {n} sequential requests per round, 2 rounds alternated), no trace vs a trace "
-        f"with its step hook alone, and with it but no request lookup (the samplers' cost is per "
-        f"second of CPU, which valgrind stretches 50 times: left out here)"
+        f"({path}, {n} sequential requests per round, {rounds} rounds alternated), no trace vs "
+        f"a trace with each step hook alone, and the whole trace (C hook and both samplers: "
+        f"they cost per second, and valgrind stretches a second of the app ~50 times, so their "
+        f"share here is an upper bound; the timed run above has their real share)"
     )
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("  (valgrind not installed)")
@@ -515,14 +516,23 @@ def server_instructions(n: int = 200, path: str = "/hello") -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            _server_instructions(proc, url, out, n, path)
+            _server_instructions(proc, url, out, n, path, rounds)
         finally:
             proc.terminate()
             proc.wait(60)
 
 
+SERVER_VARIANTS: dict[str, str | None] = {
+    "no trace": None,
+    "C hook": "hook=native&without=wall,cpu",
+    "Python hook": "hook=python&without=wall,cpu",
+    "whole trace": "hook=native",
+}
+"""What the callgrind run of the reference app compares (``/bench/trace-variant``'s query)."""
+
+
 def _server_instructions(
-    proc: subprocess.Popen[bytes], url: str, out: str, n: int, path: str
+    proc: subprocess.Popen[bytes], url: str, out: str, n: int, path: str, rounds: int
 ) -> None:
     deadline = time.monotonic() + 300
     while True:
@@ -550,16 +560,10 @@ def _server_instructions(
         return int(found.group(1)) / n
 
     requests(50)  # warm up
-    variants = {
-        "no trace": None,
-        "C hook": "hook=native&without=wall,cpu",
-        "Python hook": "hook=python&without=wall,cpu",
-        "C hook, no route": "hook=native&without=wall,cpu,route",
-    }
-    res: dict[str, list[float]] = {v: [] for v in variants}
-    for i in range(2):
-        for name in list(variants) if i == 0 else list(reversed(variants)):
-            query = variants[name]
+    res: dict[str, list[float]] = {v: [] for v in SERVER_VARIANTS}
+    for i in range(rounds):
+        for name in list(SERVER_VARIANTS) if i % 2 == 0 else list(reversed(SERVER_VARIANTS)):
+            query = SERVER_VARIANTS[name]
             if query is None:
                 res[name].append(per_request())
                 continue
@@ -570,8 +574,9 @@ def _server_instructions(
     base = statistics.median(res["no trace"])
     for name, xs in res.items():
         print(
-            f"  {name:16s} {statistics.median(xs):9,.0f} instructions per request "
-            f"({' '.join(f'{x:,.0f}' for x in xs)}; {statistics.median(xs) / base - 1:+.1%})"
+            f"  {name:12s} {statistics.median(xs):9,.0f} instructions per request "
+            f"({' '.join(f'{x:,.0f}' for x in xs)}; {statistics.median(xs) / base - 1:+.1%} "
+            f"against no trace in the same run)"
         )
 
 
@@ -582,6 +587,9 @@ def trace_url_of(url: str, seconds: float) -> str:
 def main() -> int:
     if sys.argv[1:2] == ["--cycles"]:
         _hooks_only_cycles(sys.argv[2], int(sys.argv[3]))
+        return 0
+    if sys.argv[1:2] == ["--callgrind"]:
+        server_instructions()
         return 0
     throughput()
     server_instructions()
