@@ -17,7 +17,7 @@ only while a capture runs:
   subscribed with a timeline: one stack per tick of every thread's CPU clock, read by
   the main thread itself in its ``SIGPROF`` handler (no GIL bias): the CPU tracks.
 * a wall-clock sampler thread (``asgi_pprof-trace``) reading every thread's stack in
-  one C call (``frames.current_stacks``): at ``trace_sample_hz`` while a loop step runs
+  one C call (``frames.current_code_stacks``): at ``trace_sample_hz`` while a loop step runs
   long (where the loop was stuck, blocking calls included), at 50 Hz otherwise (what
   threads wait on). Each wake-up takes the GIL from the running threads, which costs
   more than the sample itself: it wakes once per sample, no more.
@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import operator
 import os
 import sys
 import threading
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import trace_hook
 from .concurrency import THREAD_PREFIX, run_in_thread
-from .frames import current_stacks
+from .frames import current_code_stacks
 from .profiles import ProfileError
 from .sampler import Capture, Sampler, get_sampler
 from .trace_events import DONE, GC, NEW, SAMPLE, LoopInfo, RawTrace, render
@@ -74,7 +73,6 @@ _native_hook: bool | None = None
 """Which step hook captures install: None for the C one when loaded (``trace_hook``);
 the tests and the benchmark set True or False to compare the two."""
 
-_CODE = operator.itemgetter(0)  # a raw frame's code object
 _IDLE_HZ = 50
 """Wall-clock sampling rate while no loop step runs long (then ``trace_sample_hz``)."""
 
@@ -341,19 +339,19 @@ class _Recorder:
     def _sample_once(self, current: dict[int, list[Any]], skip: set[int]) -> None:
         """Read every thread's stack once; a stack that did not change extends its record.
 
-        The stacks are read in one C call (``frames.current_stacks``): no other thread's
-        frame is ever held while that thread may run.
+        The stacks are read in one C call (``frames.current_code_stacks``: only the code
+        objects, which is all a sample keeps): no other thread's frame is ever held while
+        that thread may run.
         """
-        stacks = current_stacks()
+        stacks = current_code_stacks()
         t = _now()
         hook = self.hook
         steps_done = hook.step_times()[1] if hook is not None else 0
         step_code = self.step_code
         records = self.records
-        for ident, raw in stacks.items():
+        for ident, stack in stacks.items():
             if ident in skip:
                 continue
-            stack = tuple(map(_CODE, raw))
             cur = current.get(ident)
             # The same stack, seen once more: the same record, unless it is inside a loop
             # step and a step ended meanwhile (then it is most likely another step that
