@@ -455,9 +455,33 @@ is_scope(PyObject *value)
     return PyDict_Contains(value, s_path);
 }
 
+/* Return 1 if a class of tp's MRO defines name, 0 if none does, -1 on error. */
+static int
+class_defines(PyTypeObject *tp, PyObject *name)
+{
+    PyObject *mro = tp->tp_mro;
+    if (mro == NULL || !PyTuple_Check(mro))
+        return 1; /* not ready: take the cautious path */
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyTypeObject *base = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+#if PY_VERSION_HEX >= 0x030C0000
+        PyObject *d = PyType_GetDict(base); /* static builtin types keep theirs elsewhere */
+#else
+        PyObject *d = Py_XNewRef(base->tp_dict);
+#endif
+        if (d == NULL)
+            return PyErr_Occurred() ? -1 : 1;
+        int has = PyDict_Contains(d, name);
+        Py_DECREF(d);
+        if (has != 0)
+            return has;
+    }
+    return 0;
+}
+
 /* Return a new reference to the scope that value is (attr 0) or holds as a plain instance
- * attribute `scope` (attr 1: read from its instance dict, so no property or __getattr__
- * runs), NULL when it has none (with an error set if the look failed). */
+ * attribute `scope` (attr 1: never a class's, so no property or __getattr__ runs), NULL
+ * when it has none (with an error set if the look failed). */
 static PyObject *
 scope_of(PyObject *value, int attr)
 {
@@ -471,6 +495,24 @@ scope_of(PyObject *value, int attr)
         return NULL;
     if (tp->tp_dictoffset == 0 && !(tp->tp_flags & Py_TPFLAGS_MANAGED_DICT))
         return NULL;
+    int in_class = class_defines(tp, s_scope);
+    if (in_class < 0)
+        return NULL;
+    if (!in_class) {
+        /* No class attribute, so no descriptor: the generic lookup reads the instance's
+         * own attribute, without making its __dict__ (which would slow every later
+         * attribute read of a server's request object: ~20 000 instructions per request). */
+        PyObject *scope = PyObject_GenericGetAttr(value, s_scope);
+        if (scope == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_AttributeError))
+                PyErr_Clear();
+            return NULL;
+        }
+        if (is_scope(scope) <= 0)
+            Py_CLEAR(scope);
+        return scope;
+    }
+    /* A class attribute `scope` (a property, a slot, a default): only the instance dict. */
     PyObject *d = PyObject_GenericGetDict(value, NULL);
     if (d == NULL) {
         if (PyErr_ExceptionMatches(PyExc_AttributeError) ||

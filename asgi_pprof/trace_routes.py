@@ -39,13 +39,31 @@ def _is_scope(value: object) -> TypeGuard[dict[str, Any]]:
     return type(value) is dict and value.get("type") in _KINDS and "path" in value
 
 
-def _instance_dict(value: object) -> dict[str, Any] | None:
-    # Plain instance attributes only: no getattr, so no property or __getattr__ runs.
+_getattribute = object.__getattribute__
+_in_class: dict[type, bool] = {}
+"""Per type: whether a class of its MRO defines ``scope`` (a property, a slot, a default)."""
+
+
+def _scope_attr(value: object) -> object:
+    """Return ``value``'s own instance attribute ``scope``, None when it has none.
+
+    Never a class's: no property or ``__getattr__`` runs. Read without making the
+    instance's ``__dict__`` where it has none yet (3.11+ keep plain attributes inline until
+    ``__dict__`` is read, and every later attribute read of the object would be slower).
+    """
+    tp = type(value)
+    in_class = _in_class.get(tp)
+    if in_class is None:
+        in_class = any("scope" in vars(base) for base in tp.__mro__)
+        if len(_in_class) < 10_000:
+            _in_class[tp] = in_class
     try:
-        d = object.__getattribute__(value, "__dict__")
+        if not in_class:
+            return _getattribute(value, "scope")  # no descriptor: the instance's own
+        d = _getattribute(value, "__dict__")
     except (AttributeError, TypeError):
         return None
-    return d if type(d) is dict else None
+    return d.get("scope") if type(d) is dict else None
 
 
 Where = tuple[str, bool]
@@ -65,33 +83,26 @@ def find_scope(coro: object) -> tuple[dict[str, Any], Where] | None:
     for name, value in frame.f_locals.items():
         if _is_scope(value):
             return value, (name, False)
-        attrs = _instance_dict(value)
-        if attrs is not None:
-            scope = attrs.get("scope")
-            if _is_scope(scope):
-                return scope, (name, True)
+        scope = _scope_attr(value)
+        if _is_scope(scope):
+            return scope, (name, True)
     return None
 
 
 _FrameType = types.FrameType
-_getattribute = object.__getattribute__
 
 
 def _scope_at(coro: object, where: Where) -> dict[str, Any] | None:
     """Return the scope where the same coroutine code had it last time, or None.
 
-    Once per request task: :func:`_instance_dict` and :func:`_is_scope` written out.
+    Once per request task: :func:`_is_scope` written out.
     """
     frame = getattr(coro, "cr_frame", None)
     if type(frame) is not _FrameType:
         return None
     value = frame.f_locals.get(where[0])
     if where[1]:
-        try:
-            attrs = _getattribute(value, "__dict__")
-        except (AttributeError, TypeError):
-            return None
-        value = attrs.get("scope") if type(attrs) is dict else None
+        value = _scope_attr(value)
     if type(value) is dict and value.get("type") in _KINDS and "path" in value:
         return value
     return None

@@ -538,6 +538,18 @@ class HookTestPropertyScope:
         await asyncio.sleep(0)
 
 
+class HookTestDefaultScope:
+    """A class attribute ``scope`` (a default) that instances set: read from the instance."""
+
+    scope: dict[str, Any] | None = None
+
+    def __init__(self, scope: dict[str, Any]) -> None:
+        self.scope = scope
+
+    async def run(self) -> None:
+        await asyncio.sleep(0)
+
+
 async def hook_test_asgi(scope: dict[str, Any], receive: object, send: object) -> None:
     scope["endpoint"] = hook_test_asgi  # routed, as Starlette does in place
     await asyncio.sleep(0)
@@ -562,6 +574,8 @@ async def hook_test_requests() -> None:
     ws = {"type": "websocket", "path": "/ws"}
     tasks.append(asyncio.create_task(hook_test_asgi(ws, None, None), name="ws"))
     tasks.append(asyncio.create_task(HookTestPropertyScope().run(), name="property"))
+    default = HookTestDefaultScope(hook_scope("/default"))
+    tasks.append(asyncio.create_task(default.run(), name="default"))
     tasks.append(asyncio.create_task(hook_test_child(1), name="no request"))
     not_a_scope = {"type": "lifespan", "path": "/"}
     tasks.append(asyncio.create_task(hook_test_asgi(not_a_scope, None, None), name="lifespan"))
@@ -592,6 +606,7 @@ def test_each_hook_finds_the_request_a_task_serves(native: bool) -> None:
         "closure": "GET /items/{item_id}",  # an argument a closure keeps (a cell)
         "ws": "WEBSOCKET /ws",
         "property": None,
+        "default": "GET /default",
         "no request": None,
         "lifespan": None,
     }
