@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -332,6 +333,57 @@ def cycle_cost() -> None:
         )
 
 
+def sampler_cost(rounds: int = 5, seconds: float = 2.0) -> None:
+    print(
+        "== in-process: the samplers' own threads while a trace runs over a busy loop "
+        f"(thread CPU clocks, {rounds} captures of {seconds:g} s): their cost is per second, "
+        "so per request it is this share of a loop kept busy by requests"
+    )
+
+    def cpu_by_name() -> dict[str, float]:
+        out = {}
+        for th in threading.enumerate():
+            if th.native_id is None:
+                continue
+            try:
+                out[th.name] = time.clock_gettime(((~th.native_id) << 3) | 4 | 2)
+            except OSError:
+                continue
+        return out
+
+    async def main() -> dict[str, list[float]]:
+        stop = False
+
+        async def busy() -> None:
+            while not stop:
+                sum(range(3000))
+                await asyncio.sleep(0)
+
+        res: dict[str, list[float]] = {}
+        load = asyncio.ensure_future(busy())
+        for _ in range(rounds):
+            cap = asyncio.ensure_future(tracing.capture(seconds + 0.5, SleepWindow(), Options()))
+            await asyncio.sleep(0.25)
+            a, t0 = cpu_by_name(), time.monotonic()
+            await asyncio.sleep(seconds)
+            b, t1 = cpu_by_name(), time.monotonic()
+            for name, v in b.items():
+                if name.startswith("asgi_pprof-") and name in a:
+                    res.setdefault(name, []).append((v - a[name]) / (t1 - t0) * 1e3)
+            await cap
+        stop = True
+        await load
+        return res
+
+    res = asyncio.run(main())
+    total = [sum(xs) for xs in zip(*res.values(), strict=True)] if res else []
+    for name, xs in [*res.items(), ("all of them", total)]:
+        print(
+            f"  {name:22s} {med(xs)} ms of CPU per second "
+            f"({statistics.median(xs) / 10:.2f} % of a core)"
+        )
+
+
 async def _steps(n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -591,10 +643,14 @@ def main() -> int:
     if sys.argv[1:2] == ["--callgrind"]:
         server_instructions()
         return 0
+    if sys.argv[1:2] == ["--samplers"]:
+        sampler_cost()
+        return 0
     throughput()
     server_instructions()
     instructions()
     cycle_cost()
+    sampler_cost()
     step_cost()
     encode_stall()
     after_trace()
