@@ -24,6 +24,7 @@
 
 /* Record kinds: trace_events.STEP and trace_events.DONE. */
 #define KIND_STEP 0
+#define KIND_NEW 3
 #define KIND_DONE 4
 
 #if PY_VERSION_HEX >= 0x030D0000
@@ -33,9 +34,10 @@
 #endif
 
 static PyObject *s_callback, *s_loop, *s_get_name, *s_get_coro, *s_cr_code, *s_done,
-    *s_cancelled, *s_exception, *s_name, *s_self, *s_records, *s_requests, *s_finished,
-    *s_first_step, *s_see_loop, *s_full, *s_cancelled_state, *s_result_state,
-    *s_exception_state, *s_code, *k_step, *k_done;
+    *s_cancelled, *s_exception, *s_name, *s_self, *s_records, *s_finished,
+    *s_see_loop, *s_full, *s_cancelled_state, *s_result_state,
+    *s_exception_state, *s_code, *s_get_loop, *s_type, *s_path, *s_method, *s_scope, *s_http,
+    *s_websocket, *k_step, *k_new, *k_done;
 
 /* The clock of time.perf_counter_ns(): the other records of a trace are timed with it. */
 static inline int64_t
@@ -54,32 +56,43 @@ now_ns(void)
 
 typedef struct {
     PyObject_HEAD
-    PyObject *rec;        /* the Python recorder (tracing._Recorder) */
-    PyObject *seen;       /* set: ids of tasks whose first step was seen */
-    PyObject *request_of; /* dict: id(task) -> request number */
-    PyObject *last_loop;  /* the loop of the last recorded step (strong: never a reused address) */
+    PyObject *rec;          /* the Python recorder (tracing._Recorder) */
+    PyObject *seen;         /* set: ids of tasks whose first step was seen */
+    PyObject *loop;         /* the loop of the trace request: its new tasks get NEW records */
+    PyObject *existing;     /* set: ids of that loop's tasks made before the capture */
+    PyObject *requests;     /* trace_routes.Requests: labels what by_path does not know */
+    PyObject *request_of;   /* requests.of_task: id(task) -> request number */
+    PyObject *scopes;       /* requests.scopes: request number -> scope, until labelled */
+    PyObject *labels;       /* requests.labels: request number -> label */
+    PyObject *by_path;      /* requests.by_path: (method, path) -> label */
+    PyObject *scope_at;     /* requests.scope_at: code -> where its scope was, or False */
+    PyObject *numbers;      /* requests.numbers: an iterator of request numbers */
+    PyObject *last_loop;    /* the loop of the last recorded step (strong: never a reused address) */
+    PyObject *last_loop_id; /* id(last_loop) */
     Py_ssize_t limit;
     int64_t step_start;
     int64_t step_end;
 } StepCapture;
 
+#define CAPTURE_OBJECTS(X)                                                                   \
+    X(rec) X(seen) X(loop) X(existing) X(requests) X(request_of) X(scopes) X(labels)         \
+        X(by_path) X(scope_at) X(numbers) X(last_loop) X(last_loop_id)
+
 static int
 capture_traverse(StepCapture *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->rec);
-    Py_VISIT(self->seen);
-    Py_VISIT(self->request_of);
-    Py_VISIT(self->last_loop);
+#define VISIT(f) Py_VISIT(self->f);
+    CAPTURE_OBJECTS(VISIT)
+#undef VISIT
     return 0;
 }
 
 static int
 capture_clear(StepCapture *self)
 {
-    Py_CLEAR(self->rec);
-    Py_CLEAR(self->seen);
-    Py_CLEAR(self->request_of);
-    Py_CLEAR(self->last_loop);
+#define CLEAR(f) Py_CLEAR(self->f);
+    CAPTURE_OBJECTS(CLEAR)
+#undef CLEAR
     return 0;
 }
 
@@ -91,19 +104,48 @@ capture_dealloc(StepCapture *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Set *slot to a new reference to requests.<name>, which must be of type tp (NULL: an
+ * iterator). 0, or -1 with an error set. */
+static int
+requests_part(PyObject *requests, const char *name, PyTypeObject *tp, PyObject **slot)
+{
+    PyObject *v = PyObject_GetAttrString(requests, name);
+    if (v == NULL)
+        return -1;
+    if (tp != NULL ? !Py_IS_TYPE(v, tp) : !PyIter_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "requests.%s must be %s", name,
+                     tp != NULL ? tp->tp_name : "an iterator");
+        Py_DECREF(v);
+        return -1;
+    }
+    Py_XSETREF(*slot, v);
+    return 0;
+}
+
 static int
 capture_init(StepCapture *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"recorder", "seen", "request_of", "limit", NULL};
-    PyObject *rec, *seen, *request_of;
+    static char *kwlist[] = {"recorder", "seen", "limit", "loop", "existing", "requests", NULL};
+    PyObject *rec, *seen, *loop, *existing, *requests;
     Py_ssize_t limit;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!n:StepCapture", kwlist, &rec,
-                                     &PySet_Type, &seen, &PyDict_Type, &request_of, &limit))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!nOO!O:StepCapture", kwlist, &rec,
+                                     &PySet_Type, &seen, &limit, &loop, &PySet_Type, &existing,
+                                     &requests))
+        return -1;
+    if (requests_part(requests, "of_task", &PyDict_Type, &self->request_of) < 0 ||
+        requests_part(requests, "scopes", &PyDict_Type, &self->scopes) < 0 ||
+        requests_part(requests, "labels", &PyDict_Type, &self->labels) < 0 ||
+        requests_part(requests, "by_path", &PyDict_Type, &self->by_path) < 0 ||
+        requests_part(requests, "scope_at", &PyDict_Type, &self->scope_at) < 0 ||
+        requests_part(requests, "numbers", NULL, &self->numbers) < 0)
         return -1;
     Py_XSETREF(self->rec, Py_NewRef(rec));
     Py_XSETREF(self->seen, Py_NewRef(seen));
-    Py_XSETREF(self->request_of, Py_NewRef(request_of));
+    Py_XSETREF(self->loop, Py_NewRef(loop));
+    Py_XSETREF(self->existing, Py_NewRef(existing));
+    Py_XSETREF(self->requests, Py_NewRef(requests));
     Py_CLEAR(self->last_loop);
+    Py_CLEAR(self->last_loop_id);
     self->limit = limit;
     self->step_start = self->step_end = 0;
     return 0;
@@ -337,6 +379,366 @@ is_task(StepHook *hook, PyObject *owner)
     return 0;
 }
 
+/* Call obj.name(arg) for its effect. 0, or -1 with an error set. */
+static int
+call_for_effect(PyObject *obj, PyObject *name, PyObject *arg)
+{
+    PyObject *r = PyObject_CallMethodOneArg(obj, name, arg);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* Return a new reference to the recorder's list of records. NULL on error. */
+static PyObject *
+get_records(StepCapture *cap)
+{
+    PyObject *records = PyObject_GetAttr(cap->rec, s_records);
+    if (records != NULL && !PyList_Check(records)) {
+        PyErr_SetString(PyExc_TypeError, "the recorder's records must be a list");
+        Py_CLEAR(records);
+    }
+    return records;
+}
+
+/* Return a new reference to the code object of a task's coroutine (None for an awaitable
+ * that has none). NULL on error. */
+static PyObject *
+coro_code(StepHook *hook, PyObject *coro)
+{
+    PyObject *code;
+    if (lookup_attr(coro, s_cr_code, &code) < 0)
+        return NULL;
+    if (code == NULL || code == Py_None) {
+        Py_XDECREF(code);
+        code = PyObject_CallOneArg(hook->code_of, coro);
+    }
+    return code;
+}
+
+/* --- which request a task serves: trace_routes.find_scope's twin ---------------------------
+ *
+ * A task's coroutine that has not started holds only its arguments: what the coroutine's
+ * tp_traverse visits (as gc.get_referents(coro) lists them) is its code, names and function,
+ * then those arguments, in order. No frame object and no f_locals dict is made for it. */
+
+#define MAX_REFS 32
+
+typedef struct {
+    int n;
+    PyObject *items[MAX_REFS];
+} Refs;
+
+static int
+collect_ref(PyObject *obj, void *arg)
+{
+    Refs *refs = (Refs *)arg;
+    if (PyCell_Check(obj)) /* an argument a closure keeps: its value (as f_locals has it) */
+        obj = PyCell_GET(obj);
+    if (refs->n < MAX_REFS && obj != NULL)
+        refs->items[refs->n++] = Py_NewRef(obj);
+    return 0;
+}
+
+/* Return 1 if value is an ASGI http or websocket scope (a dict with a path), 0 if not, -1
+ * on error. */
+static int
+is_scope(PyObject *value)
+{
+    if (!PyDict_CheckExact(value))
+        return 0;
+    PyObject *kind = PyDict_GetItemWithError(value, s_type); /* borrowed */
+    if (kind == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyUnicode_Check(kind) ||
+        (PyUnicode_Compare(kind, s_http) != 0 && PyUnicode_Compare(kind, s_websocket) != 0))
+        return 0;
+    return PyDict_Contains(value, s_path);
+}
+
+/* Return 1 if a class of tp's MRO defines name, 0 if none does, -1 on error. */
+static int
+class_defines(PyTypeObject *tp, PyObject *name)
+{
+    PyObject *mro = tp->tp_mro;
+    if (mro == NULL || !PyTuple_Check(mro))
+        return 1; /* not ready: take the cautious path */
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyTypeObject *base = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+#if PY_VERSION_HEX >= 0x030C0000
+        PyObject *d = PyType_GetDict(base); /* static builtin types keep theirs elsewhere */
+#else
+        PyObject *d = Py_XNewRef(base->tp_dict);
+#endif
+        if (d == NULL)
+            return PyErr_Occurred() ? -1 : 1;
+        int has = PyDict_Contains(d, name);
+        Py_DECREF(d);
+        if (has != 0)
+            return has;
+    }
+    return 0;
+}
+
+/* Return a new reference to the scope that value is (attr 0) or holds as a plain instance
+ * attribute `scope` (attr 1: never a class's, so no property or __getattr__ runs), NULL
+ * when it has none (with an error set if the look failed). */
+static PyObject *
+scope_of(PyObject *value, int attr)
+{
+    if (!attr) {
+        int yes = is_scope(value);
+        return yes > 0 ? Py_NewRef(value) : NULL;
+    }
+    PyTypeObject *tp = Py_TYPE(value);
+    /* Not a class (its __dict__ is a proxy), a function (its __dict__ would be made). */
+    if (PyType_Check(value) || PyFunction_Check(value) || PyCode_Check(value))
+        return NULL;
+    if (tp->tp_dictoffset == 0 && !(tp->tp_flags & Py_TPFLAGS_MANAGED_DICT))
+        return NULL;
+    int in_class = class_defines(tp, s_scope);
+    if (in_class < 0)
+        return NULL;
+    if (!in_class) {
+        /* No class attribute, so no descriptor: the generic lookup reads the instance's
+         * own attribute, without making its __dict__ (which would slow every later
+         * attribute read of a server's request object: ~20 000 instructions per request). */
+        PyObject *scope = PyObject_GenericGetAttr(value, s_scope);
+        if (scope == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_AttributeError))
+                PyErr_Clear();
+            return NULL;
+        }
+        if (is_scope(scope) <= 0)
+            Py_CLEAR(scope);
+        return scope;
+    }
+    /* A class attribute `scope` (a property, a slot, a default): only the instance dict. */
+    PyObject *d = PyObject_GenericGetDict(value, NULL);
+    if (d == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError) ||
+            PyErr_ExceptionMatches(PyExc_TypeError))
+            PyErr_Clear();
+        return NULL;
+    }
+    PyObject *scope = NULL;
+    if (PyDict_CheckExact(d)) {
+        scope = PyDict_GetItemWithError(d, s_scope); /* borrowed */
+        Py_XINCREF(scope);
+    }
+    Py_DECREF(d);
+    if (scope != NULL && is_scope(scope) <= 0)
+        Py_CLEAR(scope);
+    return scope;
+}
+
+/* Return a new reference to the scope a coroutine that has not started was called with,
+ * NULL when there is none (an error set if the look failed). `known` is where the same code
+ * had it last time (2 * index + attr, or NULL); *where is set to where it was found. */
+static PyObject *
+find_scope(PyObject *coro, PyObject *known, long *where)
+{
+    if (!PyCoro_CheckExact(coro) || Py_TYPE(coro)->tp_traverse == NULL)
+        return NULL;
+    Refs refs;
+    refs.n = 0;
+    (void)Py_TYPE(coro)->tp_traverse(coro, collect_ref, &refs); /* collect_ref never fails */
+    PyObject *found = NULL;
+    if (known != NULL && PyLong_CheckExact(known)) {
+        long w = PyLong_AsLong(known);
+        if (w >= 0 && (w >> 1) < refs.n) {
+            found = scope_of(refs.items[w >> 1], (int)(w & 1));
+            *where = w;
+        }
+    }
+    for (int i = 0; found == NULL && !PyErr_Occurred() && i < refs.n; i++) {
+        PyObject *item = refs.items[i];
+        if (PyUnicode_Check(item)) /* its names */
+            continue;
+        for (int attr = 0; attr < 2 && found == NULL && !PyErr_Occurred(); attr++) {
+            found = scope_of(item, attr);
+            *where = 2L * i + attr;
+        }
+    }
+    for (int i = 0; i < refs.n; i++)
+        Py_DECREF(refs.items[i]);
+    return found;
+}
+
+/* Drop key from a dict if there. 0, or -1 with an error set. */
+static int
+dict_discard(PyObject *dict, PyObject *key)
+{
+    if (PyDict_DelItem(dict, key) == 0)
+        return 0;
+    if (!PyErr_ExceptionMatches(PyExc_KeyError))
+        return -1;
+    PyErr_Clear();
+    return 0;
+}
+
+/* Return a new reference to the request number of a task at its first step (key: its id),
+ * None if it serves none: trace_routes.Requests.task_created's twin. NULL on error. */
+static PyObject *
+task_request(StepCapture *cap, PyObject *key, PyObject *coro, PyObject *code)
+{
+    PyObject *known = NULL, *scope = NULL, *n = NULL;
+    if (code == Py_None)
+        goto none;
+    known = PyDict_GetItemWithError(cap->scope_at, code); /* borrowed, then held */
+    if (known == NULL && PyErr_Occurred())
+        return NULL;
+    if (known == Py_False)
+        goto none; /* this coroutine is not a server's request */
+    Py_XINCREF(known);
+    long where = 0;
+    scope = find_scope(coro, known, &where);
+    if (scope == NULL) {
+        if (PyErr_Occurred())
+            goto error;
+        if (known == NULL && PyDict_SetItem(cap->scope_at, code, Py_False) < 0)
+            goto error;
+        Py_CLEAR(known);
+        goto none;
+    }
+    if (known == NULL || !PyLong_CheckExact(known) || PyLong_AsLong(known) != where) {
+        PyObject *w = PyLong_FromLong(where);
+        if (w == NULL)
+            goto error;
+        int err = PyDict_SetItem(cap->scope_at, code, w);
+        Py_DECREF(w);
+        if (err < 0)
+            goto error;
+    }
+    n = PyIter_Next(cap->numbers);
+    if (n == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "requests.numbers ran out");
+        goto error;
+    }
+    if (PyDict_SetItem(cap->request_of, key, n) < 0 || PyDict_SetItem(cap->scopes, n, scope) < 0)
+        goto error;
+    Py_XDECREF(known);
+    Py_DECREF(scope);
+    return n;
+error:
+    Py_XDECREF(known);
+    Py_XDECREF(scope);
+    Py_XDECREF(n);
+    return NULL;
+none:
+    if (dict_discard(cap->request_of, key) < 0) /* an id of a task gone before it finished */
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* A task's first step in this capture, before it runs (tracing._Recorder.first_step's
+ * twin): note it seen, find the request it serves, and record it as created when it is a
+ * new task of the trace request's loop. 0, or -1 with an error set. */
+static int
+first_step(StepHook *hook, StepCapture *cap, PyObject *task, PyObject *key)
+{
+    int ret = -1;
+    PyObject *coro = NULL, *code = NULL, *req = NULL, *loop = NULL, *records = NULL,
+             *t = NULL, *name = NULL, *ident = NULL, *loop_id = NULL, *rec = NULL;
+    if (PySet_Add(cap->seen, key) < 0)
+        goto done;
+    coro = PyObject_CallMethodNoArgs(task, s_get_coro);
+    if (coro == NULL || (code = coro_code(hook, coro)) == NULL)
+        goto done;
+    req = task_request(cap, key, coro, code);
+    if (req == NULL)
+        goto done;
+    int existed = PySet_Discard(cap->existing, key); /* a later task with this id is new */
+    if (existed != 0) {
+        ret = existed < 0 ? -1 : 0;
+        goto done;
+    }
+    loop = PyObject_CallMethodNoArgs(task, s_get_loop);
+    if (loop == NULL)
+        goto done;
+    if (loop != cap->loop) { /* creation is tracked on the loop that serves the trace */
+        ret = 0;
+        goto done;
+    }
+    t = PyLong_FromLongLong(now_ns());
+    records = get_records(cap);
+    if (t == NULL || records == NULL)
+        goto done;
+    if (PyList_GET_SIZE(records) < cap->limit) {
+        name = PyObject_CallMethodNoArgs(task, s_get_name);
+        ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+        loop_id = PyLong_FromVoidPtr(loop);
+        if (name == NULL || ident == NULL || loop_id == NULL)
+            goto done;
+        rec = PyTuple_Pack(8, k_new, ident, t, loop_id, name, code, key, req);
+        if (rec == NULL || PyList_Append(records, rec) < 0)
+            goto done;
+    }
+    else if (call_for_effect(cap->rec, s_full, t) < 0)
+        goto done;
+    ret = 0;
+done:
+    Py_XDECREF(coro);
+    Py_XDECREF(code);
+    Py_XDECREF(req);
+    Py_XDECREF(loop);
+    Py_XDECREF(records);
+    Py_XDECREF(t);
+    Py_XDECREF(name);
+    Py_XDECREF(ident);
+    Py_XDECREF(loop_id);
+    Py_XDECREF(rec);
+    return ret;
+}
+
+/* Label request n, whose task finished: from requests.by_path when its method and path were
+ * labelled before (most requests), else through requests.finished(n) (the first of each,
+ * websockets, odd scopes). 0, or -1 with an error set. */
+static int
+label_request(StepCapture *cap, PyObject *n)
+{
+    PyObject *scope = PyDict_GetItemWithError(cap->scopes, n); /* borrowed, then held */
+    if (scope == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    int ret = -1;
+    PyObject *method = NULL, *path = NULL, *key = NULL, *text = NULL;
+    Py_INCREF(scope);
+    if (PyDict_CheckExact(scope)) {
+        method = PyDict_GetItemWithError(scope, s_method);
+        Py_XINCREF(method);
+        if (method != NULL) {
+            path = PyDict_GetItemWithError(scope, s_path);
+            Py_XINCREF(path);
+        }
+        if (PyErr_Occurred())
+            goto done;
+        if (method != NULL && path != NULL && PyUnicode_CheckExact(method) &&
+            PyUnicode_CheckExact(path)) {
+            key = PyTuple_Pack(2, method, path);
+            if (key == NULL)
+                goto done;
+            text = PyDict_GetItemWithError(cap->by_path, key);
+            Py_XINCREF(text);
+            if (text == NULL && PyErr_Occurred())
+                goto done;
+        }
+    }
+    if (text != NULL) {
+        if (PyDict_SetItem(cap->labels, n, text) < 0 || PyDict_DelItem(cap->scopes, n) < 0)
+            goto done;
+    }
+    else if (call_for_effect(cap->requests, s_finished, n) < 0)
+        goto done;
+    ret = 0;
+done:
+    Py_DECREF(scope);
+    Py_XDECREF(method);
+    Py_XDECREF(path);
+    Py_XDECREF(key);
+    Py_XDECREF(text);
+    return ret;
+}
+
 /* Append the records of one step that ran from t0 to t1. 0, or -1 with an error set. */
 static int
 record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, PyObject *task,
@@ -345,36 +747,32 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
     int ret = -1;
     PyObject *records = NULL, *loop = NULL, *loop_id = NULL, *name = NULL, *coro = NULL,
              *code = NULL, *rec = NULL, *what = NULL, *start = NULL, *end = NULL;
-    records = PyObject_GetAttr(cap->rec, s_records);
+    records = get_records(cap);
     if (records == NULL)
         goto done;
-    if (!PyList_Check(records)) {
-        PyErr_SetString(PyExc_TypeError, "the recorder's records must be a list");
-        goto done;
-    }
     if (PyList_GET_SIZE(records) >= cap->limit) {
         /* Counted as dropped; nothing else is done for this step (see the Python hook). */
         start = PyLong_FromLongLong(t0);
         if (start == NULL)
             goto done;
-        PyObject *r = PyObject_CallMethodOneArg(cap->rec, s_full, start);
-        if (r == NULL)
+        if (call_for_effect(cap->rec, s_full, start) < 0)
             goto done;
-        Py_DECREF(r);
         ret = 0;
         goto done;
     }
     loop = PyObject_GetAttr(handle, s_loop);
     if (loop == NULL)
         goto done;
-    if (loop != cap->last_loop) {
-        PyObject *r = PyObject_CallMethodOneArg(cap->rec, s_see_loop, loop);
-        if (r == NULL)
+    if (loop != cap->last_loop || cap->last_loop_id == NULL) {
+        if (call_for_effect(cap->rec, s_see_loop, loop) < 0)
             goto done;
-        Py_DECREF(r);
+        PyObject *new_id = PyLong_FromVoidPtr(loop);
+        if (new_id == NULL)
+            goto done;
+        Py_XSETREF(cap->last_loop_id, new_id);
         Py_XSETREF(cap->last_loop, Py_NewRef(loop));
     }
-    loop_id = PyLong_FromVoidPtr(loop);
+    loop_id = Py_NewRef(cap->last_loop_id);
     start = PyLong_FromLongLong(t0);
     end = PyLong_FromLongLong(t1);
     if (loop_id == NULL || start == NULL || end == NULL)
@@ -385,15 +783,8 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
         if (name == NULL)
             goto done;
         coro = PyObject_CallMethodNoArgs(task, s_get_coro);
-        if (coro == NULL)
+        if (coro == NULL || (code = coro_code(hook, coro)) == NULL)
             goto done;
-        if (lookup_attr(coro, s_cr_code, &code) < 0)
-            goto done;
-        if (code == NULL || code == Py_None) {
-            Py_XSETREF(code, PyObject_CallOneArg(hook->code_of, coro));
-            if (code == NULL)
-                goto done;
-        }
         PyObject *req = PyDict_GetItemWithError(cap->request_of, key); /* borrowed */
         if (req == NULL) {
             if (PyErr_Occurred())
@@ -440,16 +831,8 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
                 goto done;
             if (PySet_Discard(cap->seen, key) < 0) /* the id may be reused by a new task */
                 goto done;
-            if (req != Py_None) {
-                PyObject *requests = PyObject_GetAttr(cap->rec, s_requests);
-                if (requests == NULL)
-                    goto done;
-                r = PyObject_CallMethodOneArg(requests, s_finished, req);
-                Py_DECREF(requests);
-                if (r == NULL)
-                    goto done;
-                Py_DECREF(r);
-            }
+            if (req != Py_None && label_request(cap, req) < 0)
+                goto done;
         }
     }
     else {
@@ -514,10 +897,8 @@ hook_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *
         if (!seen) {
             /* Its first step in this capture, before it runs: a new task's coroutine has
              * not started, so its arguments tell which request it serves. */
-            PyObject *r = PyObject_CallMethodOneArg(cap->rec, s_first_step, task);
-            if (r == NULL)
+            if (first_step(hook, cap, task, key) < 0)
                 goto out;
-            Py_DECREF(r);
         }
     }
     int64_t t0 = cap->step_start = now_ns();
@@ -617,15 +998,18 @@ PyInit__tracestep(void)
         intern(&s_cr_code, "cr_code") || intern(&s_done, "done") ||
         intern(&s_cancelled, "cancelled") || intern(&s_exception, "_exception") ||
         intern(&s_name, "__name__") || intern(&s_self, "__self__") ||
-        intern(&s_records, "records") || intern(&s_requests, "requests") ||
-        intern(&s_finished, "finished") || intern(&s_first_step, "first_step") ||
-        intern(&s_see_loop, "see_loop") || intern(&s_full, "full") ||
+        intern(&s_records, "records") ||
+        intern(&s_finished, "finished") || intern(&s_see_loop, "see_loop") || intern(&s_full, "full") ||
         intern(&s_cancelled_state, "cancelled") || intern(&s_result_state, "result") ||
-        intern(&s_exception_state, "exception") || intern(&s_code, "__code__"))
+        intern(&s_exception_state, "exception") || intern(&s_code, "__code__") ||
+        intern(&s_get_loop, "get_loop") || intern(&s_type, "type") || intern(&s_path, "path") ||
+        intern(&s_method, "method") || intern(&s_scope, "scope") || intern(&s_http, "http") ||
+        intern(&s_websocket, "websocket"))
         return NULL;
     k_step = PyLong_FromLong(KIND_STEP);
+    k_new = PyLong_FromLong(KIND_NEW);
     k_done = PyLong_FromLong(KIND_DONE);
-    if (k_step == NULL || k_done == NULL)
+    if (k_step == NULL || k_new == NULL || k_done == NULL)
         return NULL;
     if (PyType_Ready(&StepCaptureType) < 0 || PyType_Ready(&StepHookType) < 0)
         return NULL;

@@ -5,7 +5,13 @@ from typing import Any
 
 class StepCapture:
     def __init__(
-        self, recorder: Any, seen: set[int], request_of: dict[int, int], limit: int
+        self,
+        recorder: Any,
+        seen: set[int],
+        limit: int,
+        loop: asyncio.AbstractEventLoop,
+        existing: set[int],
+        requests: Any,
     ) -> None: ...
     def step_times(self) -> tuple[int, int]: ...
 

@@ -26,14 +26,22 @@ import gc
 import operator
 import sys
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from itertools import accumulate, chain, islice, repeat, starmap, takewhile, tee
 from typing import Any
 
 from .model import Frame, Stack, function_name
 
-__all__ = ["MAX_DEPTH", "RawFrame", "RawStack", "current_stacks", "resolve", "stack_now"]
+__all__ = [
+    "MAX_DEPTH",
+    "RawFrame",
+    "RawStack",
+    "current_code_stacks",
+    "current_stacks",
+    "resolve",
+    "stack_now",
+]
 
 MAX_DEPTH = 256
 """Deepest stack read (innermost frames kept)."""
@@ -45,18 +53,22 @@ RawStack = tuple[RawFrame, ...]
 """Raw frames, leaf first."""
 
 _READ = operator.attrgetter("f_code", "f_lineno", "f_globals")
+_CODE_OF = operator.attrgetter("f_code")
 _NOT_NONE = partial(operator.is_not, None)
 _F_BACK = repeat("f_back")  # infinite and stateless: one iterator can feed every walk
 _GC_IN_ALLOCATION = sys.version_info < (3, 12)
 
 
-def _walks(leaves: Iterable[types.FrameType | None]) -> Iterable[RawStack]:
-    """Return a lazy iterator of raw stacks, one per leaf; only C code runs when consumed."""
+def _walks(
+    leaves: Iterable[types.FrameType | None], read: Callable[[types.FrameType], Any] = _READ
+) -> Iterable[tuple[Any, ...]]:
+    """Return a lazy iterator of stacks, one per leaf, each frame as ``read`` reads it
+    (raw frames by default); only C code runs when consumed."""
     # chain((leaf,), "f_back", "f_back", ...) fed to accumulate(getattr) yields leaf,
     # leaf.f_back, leaf.f_back.f_back ...; takewhile stops at None before getattr(None).
     walks = map(accumulate, map(chain, zip(leaves), repeat(_F_BACK)), repeat(getattr))
     bounded = map(takewhile, repeat(_NOT_NONE), map(islice, walks, repeat(MAX_DEPTH)))
-    return map(tuple, map(map, repeat(_READ), bounded))
+    return map(tuple, map(map, repeat(read), bounded))
 
 
 def _in_c(pipeline: Iterable[Any]) -> list[Any]:
@@ -77,18 +89,29 @@ def current_stacks(idents: Sequence[int] | None = None) -> dict[int, RawStack]:
     """
     frames_now = starmap(sys._current_frames, ((),))  # called lazily, inside the C pipeline
     if idents is None:
-        pairs = chain.from_iterable(map(operator.methodcaller("items"), frames_now))
-        a, b = tee(pairs)
-        keys: Iterable[int] = map(operator.itemgetter(0), a)
-        leaves = map(operator.itemgetter(1), b)
-        out = _in_c(zip(keys, _walks(leaves), strict=True))
-        return dict(out)
+        return _every_thread(frames_now, _READ)
     wanted = tuple(idents)
     leaves_of = chain.from_iterable(
         map(map, map(operator.attrgetter("get"), frames_now), repeat(wanted, 1))
     )
     stacks = _in_c(_walks(leaves_of))
     return {i: s for i, s in zip(wanted, stacks, strict=True) if s}
+
+
+def current_code_stacks() -> dict[int, tuple[types.CodeType, ...]]:
+    """Return {thread ident: code objects of its stack, leaf first} of every thread, read at
+    one instant like :func:`current_stacks`, in half its time: no line number is computed."""
+    return _every_thread(starmap(sys._current_frames, ((),)), _CODE_OF)
+
+
+def _every_thread(
+    frames_now: Iterable[dict[int, types.FrameType]], read: Callable[[types.FrameType], Any]
+) -> dict[int, Any]:
+    pairs = chain.from_iterable(map(operator.methodcaller("items"), frames_now))
+    a, b = tee(pairs)
+    keys: Iterable[int] = map(operator.itemgetter(0), a)
+    leaves = map(operator.itemgetter(1), b)
+    return dict(_in_c(zip(keys, _walks(leaves, read), strict=True)))
 
 
 _frames: dict[tuple[types.CodeType, int], Frame] = {}

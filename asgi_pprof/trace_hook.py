@@ -58,6 +58,8 @@ class StepRecorder(Protocol):
     records: list[Any]
     limit: int
     seen: set[int]
+    existing: set[int]
+    loop: asyncio.AbstractEventLoop
     request_of: dict[int, int]
     requests: Requests
     step_start: int
@@ -273,7 +275,9 @@ def install(rec: StepRecorder, native: bool | None = None) -> Hook:
     use_native = _native is not None if native is None else native
     if use_native and _native is not None and isinstance(base, types.FunctionType):
         hook = _native.StepHook(base, _TASK_TYPES, _builtin_names, callback_name, code_of)
-        capture = _native.StepCapture(rec, rec.seen, rec.request_of, rec.limit)
+        capture = _native.StepCapture(
+            rec, rec.seen, rec.limit, rec.loop, rec.existing, rec.requests
+        )
         hook.start(capture)
         asyncio.Handle._run = hook  # type: ignore[method-assign]
         return Hook(True, hook, base, base.__code__, frozenset(), rec, capture)

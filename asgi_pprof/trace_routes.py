@@ -19,7 +19,9 @@ are kept, then they share one label; the total is bounded by ``MAX_LABELS``.
 
 from __future__ import annotations
 
+import itertools
 import types
+from collections.abc import Iterator
 from typing import Any, TypeGuard
 
 __all__ = ["MAX_LABELS", "MAX_UNROUTED", "Requests", "find_scope", "template"]
@@ -37,13 +39,31 @@ def _is_scope(value: object) -> TypeGuard[dict[str, Any]]:
     return type(value) is dict and value.get("type") in _KINDS and "path" in value
 
 
-def _instance_dict(value: object) -> dict[str, Any] | None:
-    # Plain instance attributes only: no getattr, so no property or __getattr__ runs.
+_getattribute = object.__getattribute__
+_in_class: dict[type, bool] = {}
+"""Per type: whether a class of its MRO defines ``scope`` (a property, a slot, a default)."""
+
+
+def _scope_attr(value: object) -> object:
+    """Return ``value``'s own instance attribute ``scope``, None when it has none.
+
+    Never a class's: no property or ``__getattr__`` runs. Read without making the
+    instance's ``__dict__`` where it has none yet (3.11+ keep plain attributes inline until
+    ``__dict__`` is read, and every later attribute read of the object would be slower).
+    """
+    tp = type(value)
+    in_class = _in_class.get(tp)
+    if in_class is None:
+        in_class = any("scope" in vars(base) for base in tp.__mro__)
+        if len(_in_class) < 10_000:
+            _in_class[tp] = in_class
     try:
-        d = object.__getattribute__(value, "__dict__")
+        if not in_class:
+            return _getattribute(value, "scope")  # no descriptor: the instance's own
+        d = _getattribute(value, "__dict__")
     except (AttributeError, TypeError):
         return None
-    return d if type(d) is dict else None
+    return d.get("scope") if type(d) is dict else None
 
 
 Where = tuple[str, bool]
@@ -63,33 +83,26 @@ def find_scope(coro: object) -> tuple[dict[str, Any], Where] | None:
     for name, value in frame.f_locals.items():
         if _is_scope(value):
             return value, (name, False)
-        attrs = _instance_dict(value)
-        if attrs is not None:
-            scope = attrs.get("scope")
-            if _is_scope(scope):
-                return scope, (name, True)
+        scope = _scope_attr(value)
+        if _is_scope(scope):
+            return scope, (name, True)
     return None
 
 
 _FrameType = types.FrameType
-_getattribute = object.__getattribute__
 
 
 def _scope_at(coro: object, where: Where) -> dict[str, Any] | None:
     """Return the scope where the same coroutine code had it last time, or None.
 
-    Once per request task: :func:`_instance_dict` and :func:`_is_scope` written out.
+    Once per request task: :func:`_is_scope` written out.
     """
     frame = getattr(coro, "cr_frame", None)
     if type(frame) is not _FrameType:
         return None
     value = frame.f_locals.get(where[0])
     if where[1]:
-        try:
-            attrs = _getattribute(value, "__dict__")
-        except (AttributeError, TypeError):
-            return None
-        value = attrs.get("scope") if type(attrs) is dict else None
+        value = _scope_attr(value)
     if type(value) is dict and value.get("type") in _KINDS and "path" in value:
         return value
     return None
@@ -152,17 +165,24 @@ class Requests:
     """
 
     def __init__(self) -> None:
+        # The C step hook (``_tracestep``) reads and fills the public dicts below in
+        # place (they are never rebound): both hooks number and label requests as one.
         self.of_task: dict[int, int] = {}
         """``id(task) -> request number`` for live request tasks."""
         self.labels: dict[int, str] = {}
         """``request number -> label``, once the request finished or the capture ended."""
-        self._scopes: dict[int, dict[str, Any]] = {}
+        self.scopes: dict[int, dict[str, Any]] = {}
+        """``request number -> scope`` of requests not labelled yet."""
+        self.by_path: dict[tuple[str, str], str] = {}
+        """``(method, path) -> label``: the same method and path route the same way."""
+        self.scope_at: dict[types.CodeType, int | bool] = {}
+        """The C hook's memo per coroutine code: where its scope was, False for none."""
+        self.numbers: Iterator[int] = itertools.count(1)
+        """The request numbers still free (shared by both hooks)."""
         self._codes: dict[types.CodeType, Where | None] = {}
         """Per coroutine code: where its scope is, or None when it has none."""
         self._distinct: set[str] = set()
-        self._by_path: dict[tuple[str, str], str] = {}
         self._unrouted = 0
-        self._next = 1
 
     def task_created(self, key: int, coro: object, code: types.CodeType | None) -> int | None:
         """Return the request number of a new task (``key``: its id), None if it serves none."""
@@ -181,24 +201,24 @@ class Requests:
             scope, new_where = found
             if code is not None:
                 self._codes[code] = new_where
-        n = self._next
-        self._next += 1
+        n = next(self.numbers)
         self.of_task[key] = n
-        self._scopes[n] = scope
+        self.scopes[n] = scope
         return n
 
     def finished(self, n: int) -> None:
         """Compute the label of request ``n`` (its task finished) and forget its scope."""
-        scope = self._scopes.pop(n, None)
+        scope = self.scopes.pop(n, None)
         if scope is not None:
             self.labels[n] = self.label(scope)
 
     def finish_all(self) -> None:
         """Label every request still running (the capture ends)."""
-        for n in list(self._scopes):
+        for n in list(self.scopes):
             self.finished(n)
-        self.of_task = {}
-        self._codes = {}
+        self.of_task.clear()
+        self._codes.clear()
+        self.scope_at.clear()
 
     def label(self, scope: dict[str, Any]) -> str:
         """Return ``METHOD /route/{param}`` for a scope, bounded in number (see the module)."""
@@ -210,11 +230,11 @@ class Requests:
             path = "?"
         # The same method and path route the same way: most requests are a lookup.
         key = (method, path)
-        text = self._by_path.get(key)
+        text = self.by_path.get(key)
         if text is None:
             text = self._label(scope, method, path)
-            if len(self._by_path) < 10_000:
-                self._by_path[key] = text
+            if len(self.by_path) < 10_000:
+                self.by_path[key] = text
         return text
 
     def _label(self, scope: dict[str, Any], method: str, path: str) -> str:

@@ -17,7 +17,7 @@ only while a capture runs:
   subscribed with a timeline: one stack per tick of every thread's CPU clock, read by
   the main thread itself in its ``SIGPROF`` handler (no GIL bias): the CPU tracks.
 * a wall-clock sampler thread (``asgi_pprof-trace``) reading every thread's stack in
-  one C call (``frames.current_stacks``): at ``trace_sample_hz`` while a loop step runs
+  one C call (``frames.current_code_stacks``): at ``trace_sample_hz`` while a loop step runs
   long (where the loop was stuck, blocking calls included), at 50 Hz otherwise (what
   threads wait on). Each wake-up takes the GIL from the running threads, which costs
   more than the sample itself: it wakes once per sample, no more.
@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import operator
 import os
 import sys
 import threading
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import trace_hook
 from .concurrency import THREAD_PREFIX, run_in_thread
-from .frames import current_stacks
+from .frames import current_code_stacks
 from .profiles import ProfileError
 from .sampler import Capture, Sampler, get_sampler
 from .trace_events import DONE, GC, NEW, SAMPLE, LoopInfo, RawTrace, render
@@ -74,7 +73,6 @@ _native_hook: bool | None = None
 """Which step hook captures install: None for the C one when loaded (``trace_hook``);
 the tests and the benchmark set True or False to compare the two."""
 
-_CODE = operator.itemgetter(0)  # a raw frame's code object
 _IDLE_HZ = 50
 """Wall-clock sampling rate while no loop step runs long (then ``trace_sample_hz``)."""
 
@@ -165,6 +163,9 @@ class _Recorder:
         self._prev_factory: Any = None
         self._watched: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
         self._stop = threading.Event()
+        self._stopped = threading.Lock()
+        """Held until the capture ends: the sampler thread's wait (see :meth:`_sample`)."""
+        self._stopped.acquire()
         self._sampler: threading.Thread | None = None
         self._cpu_sampler: Sampler = get_sampler(options.sample_hz, options.switch_interval)
         self._cpu: Capture | None = None
@@ -320,10 +321,12 @@ class _Recorder:
         current: dict[int, list[Any]] = {}
         skip: set[int] = set()
         refresh_at = 0
-        stop = self._stop
+        stopped = self._stopped.acquire
         # One wake-up per sample: every wake-up takes the GIL from the threads that run,
-        # which costs more than the sample itself. Event.wait sees a stop at once.
-        while not stop.wait(fast if self._stalled(fast_ns) else slow):
+        # which costs more than the sample itself. The lock is released at the stop, so
+        # the wait sees it at once; one C call, about half the CPU of an Event.wait
+        # (a Condition's waiter lock, made and dropped in Python, each time).
+        while not stopped(timeout=fast if self._stalled(fast_ns) else slow):
             now = _now()
             if now >= refresh_at:
                 skip = self._refresh_threads() | {me}
@@ -341,19 +344,19 @@ class _Recorder:
     def _sample_once(self, current: dict[int, list[Any]], skip: set[int]) -> None:
         """Read every thread's stack once; a stack that did not change extends its record.
 
-        The stacks are read in one C call (``frames.current_stacks``): no other thread's
-        frame is ever held while that thread may run.
+        The stacks are read in one C call (``frames.current_code_stacks``: only the code
+        objects, which is all a sample keeps): no other thread's frame is ever held while
+        that thread may run.
         """
-        stacks = current_stacks()
+        stacks = current_code_stacks()
         t = _now()
         hook = self.hook
         steps_done = hook.step_times()[1] if hook is not None else 0
         step_code = self.step_code
         records = self.records
-        for ident, raw in stacks.items():
+        for ident, stack in stacks.items():
             if ident in skip:
                 continue
-            stack = tuple(map(_CODE, raw))
             cur = current.get(ident)
             # The same stack, seen once more: the same record, unless it is inside a loop
             # step and a step ended meanwhile (then it is most likely another step that
@@ -418,6 +421,8 @@ class _Recorder:
         if self.hook is not None:
             self.hook.stop()
         self._stop.set()
+        if self._stopped.locked():
+            self._stopped.release()
         if self._cpu is not None:
             # Whether the main thread took its own ticks (exact) or was read from outside.
             # (Sampler keeps it private; asked for a public property.)

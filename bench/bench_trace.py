@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -332,6 +333,57 @@ def cycle_cost() -> None:
         )
 
 
+def sampler_cost(rounds: int = 5, seconds: float = 2.0) -> None:
+    print(
+        "== in-process: the samplers' own threads while a trace runs over a busy loop "
+        f"(thread CPU clocks, {rounds} captures of {seconds:g} s): their cost is per second, "
+        "so per request it is this share of a loop kept busy by requests"
+    )
+
+    def cpu_by_name() -> dict[str, float]:
+        out = {}
+        for th in threading.enumerate():
+            if th.native_id is None:
+                continue
+            try:
+                out[th.name] = time.clock_gettime(((~th.native_id) << 3) | 4 | 2)
+            except OSError:
+                continue
+        return out
+
+    async def main() -> dict[str, list[float]]:
+        stop = False
+
+        async def busy() -> None:
+            while not stop:
+                sum(range(3000))
+                await asyncio.sleep(0)
+
+        res: dict[str, list[float]] = {}
+        load = asyncio.ensure_future(busy())
+        for _ in range(rounds):
+            cap = asyncio.ensure_future(tracing.capture(seconds + 0.5, SleepWindow(), Options()))
+            await asyncio.sleep(0.25)
+            a, t0 = cpu_by_name(), time.monotonic()
+            await asyncio.sleep(seconds)
+            b, t1 = cpu_by_name(), time.monotonic()
+            for name, v in b.items():
+                if name.startswith("asgi_pprof-") and name in a:
+                    res.setdefault(name, []).append((v - a[name]) / (t1 - t0) * 1e3)
+            await cap
+        stop = True
+        await load
+        return res
+
+    res = asyncio.run(main())
+    total = [sum(xs) for xs in zip(*res.values(), strict=True)] if res else []
+    for name, xs in [*res.items(), ("all of them", total)]:
+        print(
+            f"  {name:22s} {med(xs)} ms of CPU per second "
+            f"({statistics.median(xs) / 10:.2f} % of a core)"
+        )
+
+
 async def _steps(n: int) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
@@ -480,12 +532,13 @@ def instructions() -> None:
         )
 
 
-def server_instructions(n: int = 200, path: str = "/hello") -> None:
+def server_instructions(n: int = 300, path: str = "/hello", rounds: int = 3) -> None:
     print(
         f"== the reference app under callgrind, deterministic: CPU instructions per request "
-        f"({path}, {n} sequential requests per round, 2 rounds alternated), no trace vs a trace "
-        f"with its step hook alone, and with it but no request lookup (the samplers' cost is per "
-        f"second of CPU, which valgrind stretches 50 times: left out here)"
+        f"({path}, {n} sequential requests per round, {rounds} rounds alternated), no trace vs "
+        f"a trace with each step hook alone, and the whole trace (C hook and both samplers: "
+        f"they cost per second, and valgrind stretches a second of the app ~50 times, so their "
+        f"share here is an upper bound; the timed run above has their real share)"
     )
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("  (valgrind not installed)")
@@ -515,14 +568,23 @@ def server_instructions(n: int = 200, path: str = "/hello") -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            _server_instructions(proc, url, out, n, path)
+            _server_instructions(proc, url, out, n, path, rounds)
         finally:
             proc.terminate()
             proc.wait(60)
 
 
+SERVER_VARIANTS: dict[str, str | None] = {
+    "no trace": None,
+    "C hook": "hook=native&without=wall,cpu",
+    "Python hook": "hook=python&without=wall,cpu",
+    "whole trace": "hook=native",
+}
+"""What the callgrind run of the reference app compares (``/bench/trace-variant``'s query)."""
+
+
 def _server_instructions(
-    proc: subprocess.Popen[bytes], url: str, out: str, n: int, path: str
+    proc: subprocess.Popen[bytes], url: str, out: str, n: int, path: str, rounds: int
 ) -> None:
     deadline = time.monotonic() + 300
     while True:
@@ -550,16 +612,10 @@ def _server_instructions(
         return int(found.group(1)) / n
 
     requests(50)  # warm up
-    variants = {
-        "no trace": None,
-        "C hook": "hook=native&without=wall,cpu",
-        "Python hook": "hook=python&without=wall,cpu",
-        "C hook, no route": "hook=native&without=wall,cpu,route",
-    }
-    res: dict[str, list[float]] = {v: [] for v in variants}
-    for i in range(2):
-        for name in list(variants) if i == 0 else list(reversed(variants)):
-            query = variants[name]
+    res: dict[str, list[float]] = {v: [] for v in SERVER_VARIANTS}
+    for i in range(rounds):
+        for name in list(SERVER_VARIANTS) if i % 2 == 0 else list(reversed(SERVER_VARIANTS)):
+            query = SERVER_VARIANTS[name]
             if query is None:
                 res[name].append(per_request())
                 continue
@@ -570,8 +626,9 @@ def _server_instructions(
     base = statistics.median(res["no trace"])
     for name, xs in res.items():
         print(
-            f"  {name:16s} {statistics.median(xs):9,.0f} instructions per request "
-            f"({' '.join(f'{x:,.0f}' for x in xs)}; {statistics.median(xs) / base - 1:+.1%})"
+            f"  {name:12s} {statistics.median(xs):9,.0f} instructions per request "
+            f"({' '.join(f'{x:,.0f}' for x in xs)}; {statistics.median(xs) / base - 1:+.1%} "
+            f"against no trace in the same run)"
         )
 
 
@@ -583,10 +640,17 @@ def main() -> int:
     if sys.argv[1:2] == ["--cycles"]:
         _hooks_only_cycles(sys.argv[2], int(sys.argv[3]))
         return 0
+    if sys.argv[1:2] == ["--callgrind"]:
+        server_instructions()
+        return 0
+    if sys.argv[1:2] == ["--samplers"]:
+        sampler_cost()
+        return 0
     throughput()
     server_instructions()
     instructions()
     cycle_cost()
+    sampler_cost()
     step_cost()
     encode_stall()
     after_trace()

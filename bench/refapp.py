@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -49,10 +48,10 @@ _without: set[str] = set()
 def _variants() -> None:
     """Let ``/bench/trace-variant`` choose what the next captures do (bench only): which
     step hook (``hook=python|native``) and which parts they leave out (``without=hook,
-    wall,cpu,switch,route``), so one server process measures every variant, alternated."""
+    wall,cpu,switch``), so one server process measures every variant, alternated."""
     import asyncio
 
-    from asgi_pprof import sampler, trace_hook, trace_routes, tracing
+    from asgi_pprof import sampler, trace_hook, tracing
 
     class _NoCPU:
         period_ns = 10_000_000
@@ -90,12 +89,6 @@ def _variants() -> None:
         real_want(key, None if "switch" in _without else value)
 
     sampler._switch.want = want  # type: ignore[method-assign]
-    real_task_created = trace_routes.Requests.task_created
-
-    def task_created(self: trace_routes.Requests, key: int, coro: object, code: Any) -> int | None:
-        return None if "route" in _without else real_task_created(self, key, coro, code)
-
-    trace_routes.Requests.task_created = task_created  # type: ignore[method-assign]
     tracing._Recorder._sample = sample  # type: ignore[method-assign]
     tracing.get_sampler = get_sampler  # type: ignore[assignment]
     trace_hook.install = install  # type: ignore[assignment]

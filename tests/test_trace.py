@@ -1057,3 +1057,30 @@ def test_cpu_track_gives_a_c_loop_an_honest_leaf() -> None:
     assert by_name["[uvloop]"]["dur"] == 10_000
     assert by_name["myapp.handler"]["dur"] == 10_000
     assert by_name["myapp.main"]["dur"] == 20_000  # shared by both ticks: one slice
+
+
+def test_the_wall_sampler_reads_the_code_objects_of_every_stack() -> None:
+    """``current_code_stacks`` (the trace's wall-clock read) is ``current_stacks`` without
+    line numbers and globals: the same code objects, leaf first."""
+    from asgi_pprof import frames
+
+    release, started = threading.Event(), threading.Event()
+
+    def trace_test_blocked() -> None:
+        started.set()
+        release.wait(30)
+
+    th = threading.Thread(target=trace_test_blocked)
+    th.start()
+    try:
+        assert started.wait(5)
+        time.sleep(0.05)  # in the wait now: its stack stays as it is
+        assert th.ident is not None
+        codes = frames.current_code_stacks()[th.ident]
+        full = frames.current_stacks()[th.ident]
+        assert codes == tuple(f[0] for f in full)
+        assert trace_test_blocked.__code__ in codes
+        assert all(isinstance(c, type(trace_test_blocked.__code__)) for c in codes)
+    finally:
+        release.set()
+        th.join(5)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from asgi_pprof import trace_hook, tracing
+from asgi_pprof import trace_hook, trace_routes, tracing
 from asgi_pprof.options import Options
 from asgi_pprof.trace_events import DONE, NEW, STEP
 
@@ -505,3 +505,177 @@ def test_a_child_forked_during_a_capture_runs_without_it(hook: str) -> None:
     r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok", r.stderr
+
+
+# --- which request a task serves, found at its first step ----------------------------------
+
+
+def hook_scope(path: str, **more: Any) -> dict[str, Any]:
+    return {"type": "http", "method": "GET", "path": path, **more}
+
+
+class HookTestCycle:
+    """What uvicorn's RequestResponseCycle holds that the trace reads: its scope."""
+
+    def __init__(self, scope: dict[str, Any]) -> None:
+        self.scope = scope
+
+    async def run_asgi(self, app: object) -> None:
+        await asyncio.sleep(0)
+
+
+class HookTestPropertyScope:
+    """A ``scope`` that is a property: never run by the trace (no instance attribute)."""
+
+    reads = 0
+
+    @property
+    def scope(self) -> dict[str, Any]:
+        HookTestPropertyScope.reads += 1
+        return hook_scope("/property")
+
+    async def run(self) -> None:
+        await asyncio.sleep(0)
+
+
+class HookTestDefaultScope:
+    """A class attribute ``scope`` (a default) that instances set: read from the instance."""
+
+    scope: dict[str, Any] | None = None
+
+    def __init__(self, scope: dict[str, Any]) -> None:
+        self.scope = scope
+
+    async def run(self) -> None:
+        await asyncio.sleep(0)
+
+
+async def hook_test_asgi(scope: dict[str, Any], receive: object, send: object) -> None:
+    scope["endpoint"] = hook_test_asgi  # routed, as Starlette does in place
+    await asyncio.sleep(0)
+
+
+async def hook_test_closure(scope: dict[str, Any], receive: object, send: object) -> None:
+    def routed() -> None:
+        scope["route"] = "a route"
+
+    await asyncio.sleep(0)
+    routed()
+
+
+async def hook_test_requests() -> None:
+    tasks = [
+        asyncio.create_task(HookTestCycle(hook_scope(f"/c/{i}")).run_asgi(None), name=f"c{i}")
+        for i in range(3)
+    ]
+    tasks.append(asyncio.create_task(hook_test_asgi(hook_scope("/a"), None, None), name="a"))
+    scope = hook_scope("/items/7", path_params={"item_id": 7})
+    tasks.append(asyncio.create_task(hook_test_closure(scope, None, None), name="closure"))
+    ws = {"type": "websocket", "path": "/ws"}
+    tasks.append(asyncio.create_task(hook_test_asgi(ws, None, None), name="ws"))
+    tasks.append(asyncio.create_task(HookTestPropertyScope().run(), name="property"))
+    default = HookTestDefaultScope(hook_scope("/default"))
+    tasks.append(asyncio.create_task(default.run(), name="default"))
+    tasks.append(asyncio.create_task(hook_test_child(1), name="no request"))
+    not_a_scope = {"type": "lifespan", "path": "/"}
+    tasks.append(asyncio.create_task(hook_test_asgi(not_a_scope, None, None), name="lifespan"))
+    await asyncio.gather(*tasks)
+
+
+def record_requests(native: bool) -> dict[str, str | None]:
+    """Return ``task name -> label`` of the tasks hook_test_requests makes (None: no request)."""
+    loop = asyncio.new_event_loop()
+    try:
+        with Recording(loop, native) as rec:
+            loop.run_until_complete(hook_test_requests())
+        rec.requests.finish_all()
+        labels = rec.requests.labels
+        return {r[4]: labels.get(r[7]) for r in rec.records if r[0] == NEW}
+    finally:
+        loop.close()
+
+
+def test_each_hook_finds_the_request_a_task_serves(native: bool) -> None:
+    HookTestPropertyScope.reads = 0
+    got = record_requests(native)
+    want = {
+        "c0": "GET /c/0",
+        "c1": "GET /c/1",
+        "c2": "GET /c/2",
+        "a": "GET /a",
+        "closure": "GET /items/{item_id}",  # an argument a closure keeps (a cell)
+        "ws": "WEBSOCKET /ws",
+        "property": None,
+        "default": "GET /default",
+        "no request": None,
+        "lifespan": None,
+    }
+    assert {k: got.get(k) for k in want} == want, got
+    assert HookTestPropertyScope.reads == 0
+
+
+@needs_native
+def test_native_request_lookup_keeps_refcounts(new_loop: asyncio.AbstractEventLoop) -> None:
+    """Finding and labelling many requests in C leaves each scope, cycle and code as it was."""
+    scopes = [hook_scope(f"/r/{i % 3}") for i in range(50)]
+    cycles = [HookTestCycle(s) for s in scopes]
+
+    async def serve(k: int) -> None:
+        for c in cycles[:k]:
+            await asyncio.create_task(c.run_asgi(None))
+
+    def run(k: int) -> tuple[list[str], int]:
+        with Recording(new_loop, True) as rec:
+            new_loop.run_until_complete(serve(k))
+        return sorted(set(rec.requests.labels.values())), len(rec.requests.scopes)
+
+    run(5)
+    gc.collect()
+    counts = [sys.getrefcount(x) for x in (*scopes, *cycles)]
+    code_count = sys.getrefcount(HookTestCycle.run_asgi.__code__)
+    labels, unlabelled = run(50)
+    assert labels == ["GET /r/0", "GET /r/1", "GET /r/2"]
+    assert unlabelled == 0  # each request labelled when its task finished
+    gc.collect()
+    assert [sys.getrefcount(x) for x in (*scopes, *cycles)] == counts
+    after = sys.getrefcount(HookTestCycle.run_asgi.__code__)  # outside assert: no temporaries
+    assert after == code_count
+
+
+@needs_native
+def test_native_capture_refuses_bad_requests(new_loop: asyncio.AbstractEventLoop) -> None:
+    from asgi_pprof import _tracestep  # type: ignore[attr-defined]
+
+    rec = tracing._Recorder(new_loop, Options())
+    args = (rec, set(), 10, new_loop, set())
+    _tracestep.StepCapture(*args, rec.requests)
+    with pytest.raises(AttributeError):
+        _tracestep.StepCapture(*args, object())
+    for name, bad in (("of_task", []), ("scopes", None), ("numbers", [1, 2])):
+        requests = trace_routes.Requests()
+        setattr(requests, name, bad)
+        with pytest.raises(TypeError, match=name):
+            _tracestep.StepCapture(*args, requests)
+    with pytest.raises(TypeError):
+        _tracestep.StepCapture(rec, [], 10, new_loop, set(), rec.requests)
+
+
+@needs_native
+def test_native_request_numbers_running_out_fail_the_step(
+    new_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """A request number the iterator cannot give raises out of the step (a bug of ours),
+    the loop stays usable."""
+    rec = tracing._Recorder(new_loop, Options())
+    rec.requests.numbers = iter(())
+    hook = trace_hook.install(rec, True)
+    task = new_loop.create_task(HookTestCycle(hook_scope("/x")).run_asgi(None))
+    try:
+        with pytest.raises(RuntimeError, match="ran out"):
+            new_loop.run_until_complete(task)
+    finally:
+        assert hook.uninstall()
+    # Its step raised before it ran: the task stays pending, its coroutine never started.
+    task.get_coro().close()
+    task._log_destroy_pending = False  # type: ignore[attr-defined]
+    assert new_loop.run_until_complete(hook_test_child(1)) == 1
