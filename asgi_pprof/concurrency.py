@@ -17,6 +17,7 @@ import gc
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -156,6 +157,12 @@ arguments."""
 def _pool_main(pool: _Pool) -> None:
     # Short, and the call near its start, on purpose: this frame's line is looked up for
     # every allocation of the work (see above).
+    # What threading.Thread does for its threads, so debuggers, profilers and coverage
+    # (threading.settrace / setprofile) see our work as they saw it in anyio's threads.
+    if (trace := threading.gettrace()) is not None:
+        sys.settrace(trace)
+    if (prof := threading.getprofile()) is not None:
+        sys.setprofile(prof)
     me = threading.current_thread()
     me.name = POOL_NAME
     while True:

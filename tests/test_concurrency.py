@@ -149,3 +149,39 @@ def test_a_forked_child_gets_a_pool_of_its_own() -> None:
     out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "child 0" in out.stdout, (out.stdout, out.stderr)
+
+
+_TRACED = """
+import asyncio, sys, threading
+from asgi_pprof.concurrency import run_in_thread
+
+seen = []
+
+def tracer(frame, event, arg):
+    if event == "call":
+        seen.append(frame.f_code.co_name)
+    return None
+
+def profiler(frame, event, arg):
+    if event == "call":
+        seen.append("profiled " + frame.f_code.co_name)
+
+def work_for_the_pool():
+    return 1
+
+threading.settrace(tracer)
+threading.setprofile(profiler)
+assert asyncio.run(run_in_thread(work_for_the_pool)) == 1
+print("work_for_the_pool" in seen, "profiled work_for_the_pool" in seen)
+"""
+
+
+def test_threading_trace_and_profile_hooks_reach_pool_threads() -> None:
+    # As threading.Thread's threads get them: debuggers, profilers and coverage see our work.
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", _TRACED], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"], (out.stdout, out.stderr)
