@@ -155,6 +155,25 @@ static int groups_enter(Groups *g) {
 }
 
 /* Parse (seq, start, stop) with 0 <= start <= stop <= len(seq); seq must be a list. */
+/* Read start (args[0]) and stop (args[1]) of a slice of n items, stop clamped to n.
+ * 0, or -1 with an error set. */
+static int range_args(PyObject *const *args, Py_ssize_t n, Py_ssize_t *start,
+                      Py_ssize_t *stop) {
+    *start = PyLong_AsSsize_t(args[0]);
+    if (*start == -1 && PyErr_Occurred())
+        return -1;
+    *stop = PyLong_AsSsize_t(args[1]);
+    if (*stop == -1 && PyErr_Occurred())
+        return -1;
+    if (*stop > n)
+        *stop = n;
+    if (*start < 0 || *start > *stop) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= start <= stop");
+        return -1;
+    }
+    return 0;
+}
+
 static int slice_args(PyObject *const *args, Py_ssize_t nargs, const char *what,
                       Py_ssize_t *start, Py_ssize_t *stop) {
     if (nargs != 3) {
@@ -165,19 +184,7 @@ static int slice_args(PyObject *const *args, Py_ssize_t nargs, const char *what,
         PyErr_Format(PyExc_TypeError, "%s must be a list", what);
         return -1;
     }
-    *start = PyLong_AsSsize_t(args[1]);
-    if (*start == -1 && PyErr_Occurred())
-        return -1;
-    *stop = PyLong_AsSsize_t(args[2]);
-    if (*stop == -1 && PyErr_Occurred())
-        return -1;
-    if (*stop > PyList_GET_SIZE(args[0]))
-        *stop = PyList_GET_SIZE(args[0]);
-    if (*start < 0 || *start > *stop) {
-        PyErr_SetString(PyExc_ValueError, "need 0 <= start <= stop");
-        return -1;
-    }
-    return 0;
+    return range_args(args + 1, PyList_GET_SIZE(args[0]), start, stop);
 }
 
 PyDoc_STRVAR(add_doc,
@@ -245,19 +252,8 @@ static PyObject *groups_rows(Groups *g, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "takes (prefix: str, start, stop)");
         return NULL;
     }
-    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t stop = PyLong_AsSsize_t(args[2]);
-    if (stop == -1 && PyErr_Occurred())
-        return NULL;
-    if (stop > g->n)
-        stop = g->n;
-    if (start < 0 || start > stop) {
-        PyErr_SetString(PyExc_ValueError, "need 0 <= start <= stop");
-        return NULL;
-    }
-    if (groups_enter(g) < 0)
+    Py_ssize_t start, stop;
+    if (range_args(args + 1, g->n, &start, &stop) < 0 || groups_enter(g) < 0)
         return NULL;
     PyObject *result = NULL, *rows = PyList_New(0);
     long long own_objects = 0, own_bytes = 0;

@@ -349,8 +349,6 @@ class FgprofSampler:
                 loop = task.get_loop()
             except Exception:
                 continue
-            if id(loop) not in loops:
-                continue
             info = loop_info.get(id(loop))
             if info is None:
                 try:

@@ -162,7 +162,6 @@ class _Recorder:
         self._gc_t0 = 0
         self._prev_factory: Any = None
         self._watched: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
-        self._stop = threading.Event()
         self._stopped = threading.Lock()
         """Held until the capture ends: the sampler thread's wait (see :meth:`_sample`)."""
         self._stopped.acquire()
@@ -420,7 +419,6 @@ class _Recorder:
         _active = None
         if self.hook is not None:
             self.hook.stop()
-        self._stop.set()
         if self._stopped.locked():
             self._stopped.release()
         if self._cpu is not None:
