@@ -72,7 +72,13 @@ async def test_100_concurrent_tasks_keep_their_own_labels() -> None:
     ns: set[str] = set()
     for s in data.samples if data else ():
         lab = dict(s.labels)
-        if any(f.function.endswith("labels_test_worker") for f in s.stack):
+        worker = [f for f in s.stack if f.function.endswith("labels_test_worker")]
+        if worker and worker[0].line == worker[0].start_line:
+            # Created by gather but not stepped yet (a tick between the two, seen in
+            # CI): at its def line, before its labels block, so rightly unlabelled.
+            assert "n" not in lab, s.labels
+            assert lab["state"] == "runnable", s.labels
+        elif worker:
             assert "n" in lab, s.labels
             assert lab["parity"] == str(int(lab["n"]) % 2), s.labels
             ns.add(lab["n"])
