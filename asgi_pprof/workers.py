@@ -126,9 +126,32 @@ def _group_dir(inode: int) -> Path:
     st = base.stat()
     if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
         raise OSError(f"{base} is not this user's private directory")
+    _prune_dead_groups(base)
     group = base / f"{os.getppid()}-{inode}"
     group.mkdir(mode=0o700, exist_ok=True)
     return group
+
+
+def _prune_dead_groups(base: Path) -> None:
+    """Remove the directories of groups whose server is gone.
+
+    A worker its server kills (gunicorn's timeout, a crash) cannot remove its socket file,
+    nor its group's directory: without this they pile up in the temporary directory for
+    as long as the machine runs. A group whose parent pid is alive (or reused) is kept.
+    """
+    for group in base.iterdir():
+        try:
+            parent = int(group.name.split("-", 1)[0])
+            os.kill(parent, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except (ValueError, OSError):  # not ours, or another user's process: leave it
+            continue
+        with contextlib.suppress(OSError):
+            for p in group.glob("*.sock"):
+                p.unlink()
+            group.rmdir()
 
 
 class _PeerApp:

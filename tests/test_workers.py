@@ -97,9 +97,19 @@ def group_root() -> Path:
     return Path(tempfile.gettempdir()) / f"asgi_pprof-{os.getuid()}"
 
 
+SESSION_START = time.time() - 1.0
+"""Socket files older than this test session are other runs' (a worker killed by its
+server cannot remove its own); their pids may name a process of ours now (pids wrap)."""
+
+
 def sockets_of(pids: set[int]) -> set[int]:
-    """Return which of ``pids`` have a sibling socket file."""
-    return {int(p.stem) for p in group_root().glob("*/*.sock") if int(p.stem) in pids}
+    """Return which of ``pids`` have a sibling socket file made in this session."""
+    out: set[int] = set()
+    for p in group_root().glob("*/*.sock"):
+        with contextlib.suppress(FileNotFoundError):  # a sibling pruned it meanwhile
+            if int(p.stem) in pids and p.lstat().st_mtime >= SESSION_START:
+                out.add(int(p.stem))
+    return out
 
 
 @contextmanager
@@ -252,3 +262,23 @@ def test_single_process_servers_stay_separate_and_register_nothing(tmp_path: Pat
             assert f"idle-{pid}-0" in r.text
             assert "# worker pid" not in r.text
             assert sockets_of({pid}) == set()
+
+
+def test_groups_of_dead_servers_are_pruned(tmp_path: Path) -> None:
+    """A killed worker leaves its socket file; its group goes once its server is gone."""
+    import subprocess
+
+    from asgi_pprof import workers
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"{gone.pid}-123"
+    live = tmp_path / f"{os.getpid()}-456"
+    other = tmp_path / "not-a-group"
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "77.sock").touch()
+    workers._prune_dead_groups(tmp_path)
+    assert not dead.exists()
+    assert (live / "77.sock").exists()
+    assert (other / "77.sock").exists()
