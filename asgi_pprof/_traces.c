@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_pbuf.h"
+
 /* --- Groups: traces accumulated by traceback ------------------------------------------ */
 
 typedef struct {
@@ -425,6 +427,35 @@ static PyObject *cached_stack(PyObject *tb, PyObject *frames, PyObject *multi,
     return name_stack(tb, nested, frames, deeper, NULL);
 }
 
+/* Check the arguments samples() and encode() share, (rows, start, stop, frames, multi,
+ * deeper, frame, ...), `n` in all; set start and stop. 0, or -1 with an exception set. */
+static int rows_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t n, const char *name,
+                     Py_ssize_t *start, Py_ssize_t *stop) {
+    if (nargs != n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments", name, n);
+        return -1;
+    }
+    if (slice_args(args, 3, "rows", start, stop) < 0)
+        return -1;
+    if (!PyDict_Check(args[3]) || !PyAnySet_Check(args[4]) || !PyDict_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "frames and deeper must be dicts, multi a set");
+        return -1;
+    }
+    return 0;
+}
+
+/* Return a borrowed rows[k] (k in range), or NULL with TypeError if it is not an
+ * (objects, bytes, traceback) tuple. */
+static PyObject *row_at(PyObject *rows, Py_ssize_t k) {
+    PyObject *row = PyList_GET_ITEM(rows, k);
+    if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 3 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(row, 2))) {
+        PyErr_SetString(PyExc_TypeError, "a row is an (objects, bytes, traceback) tuple");
+        return NULL;
+    }
+    return row;
+}
+
 PyDoc_STRVAR(samples_doc,
 "samples(rows, start, stop, frames, multi, deeper, frame, sample) -> list\n\n"
 "Return ``sample(stack, [inuse_objects, inuse_space])`` for each row of\n"
@@ -435,29 +466,18 @@ PyDoc_STRVAR(samples_doc,
 
 static PyObject *samples(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t start, stop;
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "samples() takes 8 arguments");
-        return NULL;
-    }
-    if (slice_args(args, 3, "rows", &start, &stop) < 0)
+    if (rows_args(args, nargs, 8, "samples", &start, &stop) < 0)
         return NULL;
     PyObject *rows = args[0], *frames = args[3], *multi = args[4], *deeper = args[5];
     PyObject *frame = args[6], *sample = args[7];
-    if (!PyDict_Check(frames) || !PyAnySet_Check(multi) || !PyDict_Check(deeper)) {
-        PyErr_SetString(PyExc_TypeError, "frames and deeper must be dicts, multi a set");
-        return NULL;
-    }
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
     Py_INCREF(rows); /* the callbacks run Python code: keep what we walk alive */
     for (Py_ssize_t k = start; k < stop && k < PyList_GET_SIZE(rows); k++) {
-        PyObject *row = PyList_GET_ITEM(rows, k);
-        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 3 ||
-            !PyTuple_Check(PyTuple_GET_ITEM(row, 2))) {
-            PyErr_SetString(PyExc_TypeError, "a row is an (objects, bytes, traceback) tuple");
+        PyObject *row = row_at(rows, k);
+        if (row == NULL)
             goto fail;
-        }
         Py_INCREF(row);
         PyObject *tb = PyTuple_GET_ITEM(row, 2);
         PyObject *stack = cached_stack(tb, frames, multi, deeper);
@@ -487,6 +507,128 @@ fail:
     Py_DECREF(rows);
     Py_DECREF(out);
     return NULL;
+}
+
+/* --- encode: rows straight to profile.proto samples ------------------------------------ */
+
+/* Append the location id of each frame of tb to tmp, from the name caches and
+ * `locations` alone: 1 when all were cached, 0 when one was not (tmp is then partial),
+ * -1 with an exception set. Depths as cached_stack names them. No Python code runs but a
+ * Frame's __hash__ and __eq__, and the Frame is held across those. */
+static int cached_ids(PyObject *tb, PyObject *frames, PyObject *multi, PyObject *deeper,
+                      PyObject *locations, Buf *tmp) {
+    Py_ssize_t n = PyTuple_GET_SIZE(tb);
+    int nested = 0;
+    for (Py_ssize_t i = 0; i < n && !nested; i++) {
+        nested = PySet_Contains(multi, PyTuple_GET_ITEM(tb, i));
+        if (nested < 0)
+            return -1;
+    }
+    Py_ssize_t depth = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *fr = PyTuple_GET_ITEM(tb, i);
+        if (nested && i > 0) {
+            int same = PyObject_RichCompareBool(fr, PyTuple_GET_ITEM(tb, i - 1), Py_EQ);
+            if (same < 0)
+                return -1;
+            depth = same ? depth + 1 : 0;
+        }
+        PyObject *f = cached_frame(fr, depth, frames, deeper);
+        if (f == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        Py_INCREF(f); /* its __hash__ is Python code: another thread may clear the cache */
+        PyObject *id = PyDict_GetItemWithError(locations, f);
+        Py_DECREF(f);
+        if (id == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        if (!PyBytes_Check(id)) {
+            PyErr_SetString(PyExc_TypeError, "locations' values must be bytes");
+            return -1;
+        }
+        if (buf_put(tmp, PyBytes_AS_STRING(id), PyBytes_GET_SIZE(id)) < 0)
+            return -1;
+    }
+    return 1;
+}
+
+/* Append tb's location ids to tmp the slow way: name the stack (calling frame() for
+ * names not cached) and make missing locations with location(). */
+static int named_ids(PyObject *tb, PyObject *frames, PyObject *multi, PyObject *deeper,
+                     PyObject *frame, PyObject *locations, PyObject *location, Buf *tmp) {
+    PyObject *stack = cached_stack(tb, frames, multi, deeper);
+    if (stack == NULL && !PyErr_Occurred())
+        stack = name_stack(tb, 1, frames, deeper, frame);
+    if (stack == NULL)
+        return -1;
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(stack) && rc == 0; i++) {
+        PyObject *id = cached_bytes(locations, PyTuple_GET_ITEM(stack, i), location);
+        if (id == NULL) {
+            rc = -1;
+        } else {
+            rc = buf_put(tmp, PyBytes_AS_STRING(id), PyBytes_GET_SIZE(id));
+            Py_DECREF(id);
+        }
+    }
+    Py_DECREF(stack);
+    return rc;
+}
+
+PyDoc_STRVAR(encode_doc,
+"encode(rows, start, stop, frames, multi, deeper, frame, locations, location) -> bytes\n\n"
+"Return ``rows[start:stop]`` as profile.proto ``Profile.sample`` fields (2),\n"
+"concatenated: values ``[inuse_objects, inuse_space]`` at the stack ``samples()`` would\n"
+"name. ``locations`` maps a Frame to its location id's varint bytes and\n"
+"``location(frame)`` makes a missing one, as for ``_wire.samples``. A row whose names\n"
+"and locations are all cached makes no Python object.");
+
+static PyObject *encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t start, stop;
+    if (rows_args(args, nargs, 9, "encode", &start, &stop) < 0)
+        return NULL;
+    PyObject *rows = args[0], *frames = args[3], *multi = args[4], *deeper = args[5];
+    PyObject *frame = args[6], *locations = args[7], *location = args[8];
+    if (!PyDict_Check(locations)) {
+        PyErr_SetString(PyExc_TypeError, "locations must be a dict");
+        return NULL;
+    }
+    Buf out = {0}, one = {0}, tmp = {0};
+    PyObject *result = NULL;
+    Py_INCREF(rows); /* the callbacks run Python code: keep what we walk alive */
+    for (Py_ssize_t k = start; k < stop && k < PyList_GET_SIZE(rows); k++) {
+        PyObject *row = row_at(rows, k);
+        if (row == NULL)
+            goto done;
+        Py_INCREF(row);
+        PyObject *tb = PyTuple_GET_ITEM(row, 2);
+        tmp.len = 0;
+        int got = cached_ids(tb, frames, multi, deeper, locations, &tmp);
+        if (got == 0) {
+            tmp.len = 0;
+            got = named_ids(tb, frames, multi, deeper, frame, locations, location, &tmp) < 0 ? -1 : 1;
+        }
+        one.len = 0;
+        int err = got < 0 || (tmp.len && buf_field(&one, 0x0A, &tmp) < 0);
+        long long v[2] = {0, 0};
+        for (int j = 0; j < 2 && !err; j++) {
+            v[j] = PyLong_AsLongLong(PyTuple_GET_ITEM(row, j));
+            err = v[j] == -1 && PyErr_Occurred();
+        }
+        Py_DECREF(row);
+        if (err)
+            goto done;
+        tmp.len = 0;
+        if (buf_varint(&tmp, (uint64_t)v[0]) < 0 || buf_varint(&tmp, (uint64_t)v[1]) < 0 ||
+            buf_field(&one, 0x12, &tmp) < 0 || buf_field(&out, 0x12, &one) < 0)
+            goto done;
+    }
+    result = PyBytes_FromStringAndSize((const char *)out.data, out.len);
+done:
+    Py_DECREF(rows);
+    PyMem_Free(out.data);
+    PyMem_Free(one.data);
+    PyMem_Free(tmp.data);
+    return result;
 }
 
 /* --- last_line: the furthest line a code object's location table reaches ----------------- */
@@ -557,6 +699,7 @@ static int exec_module(PyObject *m) {
 
 static PyMethodDef methods[] = {
     {"samples", (PyCFunction)(void (*)(void))samples, METH_FASTCALL, samples_doc},
+    {"encode", (PyCFunction)(void (*)(void))encode, METH_FASTCALL, encode_doc},
     {"last_line", (PyCFunction)(void (*)(void))last_line, METH_FASTCALL, last_line_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -11,6 +11,7 @@ import os
 import sys
 import types
 import zlib
+from collections.abc import Callable
 
 from . import native, symbols
 from .concurrency import yield_gil
@@ -45,6 +46,9 @@ class _Strings:
 
 _wire = native.wire
 """The C sample encoder (see :mod:`.native`), or None for the pure-Python path."""
+
+native_samples = _wire is not None
+"""Whether :func:`encode` takes ``sample_fields`` (the C encoder is loaded)."""
 
 
 def _header(data: ProfileData, strings: _Strings) -> pb.Profile:
@@ -157,7 +161,15 @@ def _location(wire: types.ModuleType, frame: Frame) -> tuple[bytes, bytes, int]:
     return hit
 
 
-def _native_bytes(data: ProfileData, wire: types.ModuleType) -> bytes:
+SampleFields = Callable[[dict[Frame, bytes], Callable[[Frame], bytes]], list[bytes]]
+"""Writes samples of its own as profile.proto ``Profile.sample`` fields, given the
+profile's ``locations`` (Frame -> location id varint) and ``location(frame)``, which
+adds a missing one (the heap's rows, :func:`.heap_groups.encoded`)."""
+
+
+def _native_bytes(
+    data: ProfileData, wire: types.ModuleType, sample_fields: SampleFields | None = None
+) -> bytes:
     """Return the serialized profile: header, functions and locations, then the samples."""
     strings = _Strings()
     out = _header(data, strings)
@@ -191,29 +203,38 @@ def _native_bytes(data: ProfileData, wire: types.ModuleType) -> bytes:
                 data.samples[i : i + _SLICE], locations, location, labels, label_field, strings
             )
         )
+    if sample_fields is not None:
+        chunks += sample_fields(locations, location)
     samples = b"".join(chunks)
     out.string_table.extend(strings.table)
     # Concatenated messages merge: repeated fields simply continue in the next part.
     return out.SerializeToString() + b"".join(parts) + samples
 
 
-def profile_bytes(data: ProfileData) -> bytes:
+def profile_bytes(data: ProfileData, sample_fields: SampleFields | None = None) -> bytes:
     """Return ``data`` as serialized profile.proto (uncompressed).
 
     With the C encoder (``_wire``) location and function ids are process-wide; without
     it they count from 1 (:func:`to_proto`). Either decodes to the same profile.
+    ``sample_fields`` adds samples already encoded (C encoder only: see
+    :data:`native_samples`).
     """
     if _wire is not None:
-        return _native_bytes(data, _wire)
+        return _native_bytes(data, _wire, sample_fields)
+    if sample_fields is not None:
+        raise ValueError("sample_fields needs the C encoder")
     return to_proto(data).SerializeToString()
 
 
-def encode(data: ProfileData, compresslevel: int = 1) -> bytes:
-    """Return ``data`` as gzipped profile.proto bytes, as runtime/pprof writes them.
+def encode(
+    data: ProfileData, compresslevel: int = 1, sample_fields: SampleFields | None = None
+) -> bytes:
+    """Return ``data`` as gzipped profile.proto bytes, as runtime/pprof writes them
+    (with ``sample_fields``' samples after ``data.samples``).
 
     Runs in a worker thread: serializing and compressing a large profile takes time.
     """
-    return gzip_bytes(profile_bytes(data), compresslevel)
+    return gzip_bytes(profile_bytes(data, sample_fields), compresslevel)
 
 
 _GZIP_PIECE = 1 << 18

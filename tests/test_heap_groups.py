@@ -308,3 +308,85 @@ def test_heap_samples_either_path(native_path: bool, tracing: None, request: Any
     assert not any(f.filename.startswith(PACKAGE_DIR) for s in samples for f in s.stack)
     assert snap.own_objects >= 0
     del kept
+
+
+@needs_ext
+@pytest.mark.parametrize("cold", [True, False])
+def test_encoded_rows_decode_as_their_samples(
+    cold: bool, tracing: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heap's fast path (rows straight to the wire) writes what its samples encode to:
+    cold, every name and location is made through the callbacks; warm, from the caches."""
+    import functools
+
+    from asgi_pprof import builder
+
+    if not builder.native_samples:
+        pytest.skip("asgi_pprof._wire is not built")
+    monkeypatch.setattr(heap_groups, "names", heap_names.Names())
+    monkeypatch.setattr(heap_groups, "ROWS_SLICE", 7)  # several slices, odd bounds
+    kept = [nested_lines() for _ in range(50)] + [_spread(k) for k in range(16)]
+    rows = heap.take_snapshot().rows
+    code = nested_lines.__code__
+    fr = (code.co_filename, code.co_firstlineno + 2)
+    rows += [(3, 300, (fr, fr, ("/nowhere.py", 1))), (0, 0, ())]  # nested; empty stack
+
+    def fast() -> builder.ProfileData:
+        fields = functools.partial(heap_groups.encoded, rows)
+        return builder.decode(builder.encode(heap._heap_data([]), sample_fields=fields))
+
+    def slow() -> builder.ProfileData:
+        return builder.decode(builder.encode(heap._heap_data(heap_groups.samples(rows))))
+
+    if cold:
+        got, want = fast(), slow()
+    else:
+        want = slow()
+        got = fast()
+    assert len(got.samples) == len(rows) > 20
+    assert [(s.stack, s.values) for s in got.samples] == [(s.stack, s.values) for s in want.samples]
+    assert any(f.function.endswith("nested_lines.<locals>.<lambda>") for s in got.samples
+               for f in s.stack)  # fmt: skip
+    del kept
+
+
+@needs_ext
+def test_encode_is_refcount_neutral_and_rejects_bad_input() -> None:
+    assert ext is not None
+    fr = ("/x/leaf.py", 1)
+    frame = heap_names.names.frame(fr)
+    frames = {fr: frame}
+    locations = {frame: b"\x05"}
+    row = (1, 2, (fr,))
+    rows = [row] * 50
+
+    def location(f: Any) -> bytes:
+        raise AssertionError("every location is cached")
+
+    before = (sys.getrefcount(frame), sys.getrefcount(row))
+    for _ in range(3):
+        out = ext.encode(rows, 0, 50, frames, set(), {}, heap_names.names.frame, locations,
+                         location)  # fmt: skip
+        # Sample field (2): location_id [5] packed (1), value [1, 2] packed (2).
+        assert out == b"\x12\x07\x0a\x01\x05\x12\x02\x01\x02" * 50
+    assert (sys.getrefcount(frame), sys.getrefcount(row)) == before
+
+    def boom(f: Any) -> bytes:
+        raise ValueError("boom")
+
+    args: tuple[Any, ...] = (frames, set(), {}, heap_names.names.frame)
+    with pytest.raises(ValueError, match="boom"):
+        ext.encode(rows, 0, 1, *args, {}, boom)
+    with pytest.raises(TypeError, match="must be bytes"):
+        ext.encode(rows, 0, 1, *args, {frame: "x"}, location)
+    with pytest.raises(TypeError, match="must return bytes"):
+        ext.encode(rows, 0, 1, *args, {}, lambda f: 5)
+    with pytest.raises(TypeError, match="row is"):
+        ext.encode([(1, 2)], 0, 1, *args, {}, location)
+    with pytest.raises(TypeError, match="must be a dict"):
+        ext.encode(rows, 0, 1, *args, [], location)
+    with pytest.raises(TypeError, match="9 arguments"):
+        ext.encode(rows, 0, 1)
+    with pytest.raises(ValueError, match="boom"):  # a name not cached, its callback failing
+        ext.encode([(1, 2, (("/y.py", 3),))], 0, 1, {}, set(), {}, boom, {}, location)
+    assert (sys.getrefcount(frame), sys.getrefcount(row)) == before
