@@ -29,7 +29,7 @@ import tracemalloc
 from typing import TYPE_CHECKING
 
 from . import gcsampler, heap_groups, limits
-from .concurrency import Window, gc_deferred, run_in_thread
+from .concurrency import Window, gc_deferred, run_in_thread, yield_gil
 from .heap_names import cache_facts
 from .heap_text import Row, heap_text, memory_facts
 from .model import ProfileData, Sample, ValueType, subtract
@@ -105,6 +105,7 @@ def take_snapshot() -> Snapshot:
         copied = time.perf_counter() - t0
         blocks = len(traces)
         rows, own_objects, own_bytes = heap_groups.group(traces)
+        _free(traces)
         del traces
     snap = Snapshot(
         rows,
@@ -118,6 +119,18 @@ def take_snapshot() -> Snapshot:
     global last_snapshot
     last_snapshot = dataclasses.replace(snap, rows=[])
     return snap
+
+
+FREE_SLICE = 8192
+"""Traces freed per step: ~2 ms holding the GIL (the copy of a real app's heap is
+~700 000 tuples, whose one-call free held it 0.1-0.4 s)."""
+
+
+def _free(traces: list[heap_groups.Trace]) -> None:
+    """Empty ``traces`` from its end in slices, offering the GIL between them."""
+    while traces:
+        del traces[-FREE_SLICE:]
+        yield_gil()
 
 
 def heap_samples(rows: list[Row]) -> list[Sample]:
