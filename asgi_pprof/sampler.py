@@ -70,6 +70,13 @@ def _thread_cpu_ns(tid: int) -> int | None:
         return None
 
 
+def _alive(tid: int) -> bool:
+    """Return whether thread ``tid`` of this process still exists (True if unknown)."""
+    if not os.path.isdir("/proc/self/task"):
+        return True
+    return os.path.exists(f"/proc/self/task/{tid}")
+
+
 Key = tuple[Stack, str, Labels]
 """(stack, thread name, the code's own labels: ``asgi_pprof.labels``)."""
 
@@ -470,28 +477,33 @@ class Sampler:
                         gone = tickers.pop(ident)[1]
                         keys.pop(gone.key, None)
                         gone.close()
+                    failed: list[int] = []
                     for ident, tid in targets.items():
                         # Not ourselves: our tick could only be read after the read it
                         # interrupted, so it would show the sampler reading stacks.
                         if ident in tickers or tid == my_tid:
                             continue
                         if ident == main_ident and self._main_by_signal:
-                            self._arm_main(tid)
+                            if not self._arm_main(tid):
+                                failed.append(tid)
                             continue
                         ticker = cputicks.open_ticker(tid, self.period_ns, my_tid, next_key)
                         if ticker is None:
+                            failed.append(tid)
                             continue
                         tickers[ident] = (tid, ticker)
                         keys[ticker.key] = ident
                         next_key += 1
                     if (
-                        any(tid != my_tid for tid in targets.values())
-                        and not tickers
+                        not tickers
                         and self._main_timer is None
                         and self._captures  # else the main timer was not wanted
+                        and any(_alive(tid) for tid in failed)
                     ):
                         # Every ticker failed (a sandbox, an old kernel): an empty profile
-                        # would look like an idle process. Fall back, loudly.
+                        # would look like an idle process. Fall back, loudly. Not for a
+                        # thread that ended since the scan (seen in CI: a capture's only
+                        # other thread exiting as the next capture began).
                         raise OSError(ctypes.get_errno(), "no CPU ticker for any thread")
                 # Wait without the GIL; a tick wakes us at once.
                 ready, _, _ = select.select([fd], [], [], _RESCAN_S)
@@ -555,7 +567,8 @@ class Sampler:
                 self._holding_switch = want_low
                 _switch.want(id(self), self.switch_interval if want_low else None)
 
-    def _arm_main(self, tid: int) -> None:
+    def _arm_main(self, tid: int) -> bool:
+        """Arm the main thread's ticker if it is wanted; return False if that failed."""
         # The main thread takes its own ticks in our SIGPROF handler (exact frames). Its
         # ticker exists only while a capture runs and the handler is ours (see the class doc).
         with self._lock:
@@ -563,6 +576,8 @@ class Sampler:
                 self._main_timer = cputicks.open_ticker(
                     tid, self.period_ns, tid, 0, perf_signal=_SIGNAL
                 )
+                return self._main_timer is not None
+        return True
 
     def _read_ticks(self, fd: int, keys: dict[int, int]) -> dict[int, int]:
         ticks: dict[int, int] = {}

@@ -573,8 +573,16 @@ def test_go_tool_pprof_reads_heap_and_allocs_proto_and_text_every_sample_index(
             url = f"{server.url}{MOUNT}/{path}"
             assert f"Type: {default}" in go_tool("-top", url)
             for index in ("alloc_objects", "alloc_space", "inuse_objects", "inuse_space"):
+                # In MB: pprof's default unit is the smallest any row needs, so one sampled
+                # block of 255 kB elsewhere (seen in CI: uvloop's) printed 16384.02kB.
+                unit = ["-unit=MB"] if index == "inuse_space" else []
                 top = go_tool(
-                    f"-sample_index={index}", "-top", "-nodefraction=0", "-nodecount=1000", url
+                    f"-sample_index={index}",
+                    *unit,
+                    "-top",
+                    "-nodefraction=0",
+                    "-nodecount=1000",
+                    url,
                 )
                 assert f"Type: {index}" in top, top
                 assert "hold_big_blocks" in top, (index, path, top)

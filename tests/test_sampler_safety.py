@@ -530,3 +530,33 @@ def test_switch_interval_is_lowered_unless_threads_contend_for_the_gil() -> None
             if t.is_alive() or t.ident is not None:
                 t.join()
     assert sys.getswitchinterval() == default
+
+
+@pytest.mark.parametrize(("alive", "mode"), [(True, "polling"), (False, "timers")])
+def test_tickers_failing_fall_back_only_for_threads_that_still_exist(
+    alive: bool, mode: str
+) -> None:
+    # Every ticker failing for live threads (a sandbox, an old kernel) falls back to
+    # polling, loudly; failing for a thread gone since the scan is no failure at all.
+    proc = run_python(
+        f"""
+        import threading, time
+        from asgi_pprof import cputicks, sampler
+
+        cputicks.open_ticker = lambda *a, **k: None
+        sampler._alive = lambda tid: {alive}
+        stop = threading.Event()
+        t = threading.Thread(target=stop.wait)
+        t.start()
+        s = sampler.get_sampler(100, 0.0001)
+        s.release_signal()  # the main thread is a ticker like the others
+        cap = s.subscribe()
+        time.sleep(0.3)
+        s.unsubscribe(cap)
+        stop.set()
+        t.join()
+        print("mode", s.mode)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"mode {mode}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
