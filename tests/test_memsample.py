@@ -75,12 +75,14 @@ def column(data: ProfileData, name: str) -> int:
     return [t.type for t in data.sample_types].index(name)
 
 
-def through(data: ProfileData, function: str, col: int) -> int:
-    """Sum a column over samples whose stack passes through ``function``."""
+def through(data: ProfileData, function: str, col: int, min_bytes: int = 0) -> int:
+    """Sum a column over samples whose stack passes through ``function`` (and, with
+    ``min_bytes``, whose blocks asked for at least that many bytes: Go's label)."""
     return sum(
         s.values[col]
         for s in data.samples
         if any(f.function.rsplit(".", 1)[-1] == function for f in s.stack)
+        and all(n >= min_bytes for k, n, _ in s.num_labels if k == "bytes")
     )
 
 
@@ -284,14 +286,18 @@ def test_inuse_space_of_big_blocks_and_small_objects_within_sampling_error(
     assert (("bytes", MiB + 1, ""),) in labels  # bytearray(n) asks for n + 1 bytes
 
     # Released memory leaves inuse; alloc_* stay (cumulative, as Go's). A collection
-    # first, as Go's tests run runtime.GC() before reading a heap profile: once in the
-    # full 3.13 suite one sampled 1 KiB object outlived the del (16 426 B left), which
-    # no rerun reproduced; if a cycle elsewhere held it, it is gone after this.
+    # first, as Go's tests run runtime.GC() before reading a heap profile.
     del big, small
     gc.collect()
     after = memprofile.profile_data("inuse_space")
     assert through(after, "hold_big_blocks", inuse) == 0
-    assert through(after, "hold_small_objects", inuse) == 0
+    # Every block of the workload's own (1 KiB objects, their list) is gone. Smaller
+    # blocks may rightly stay: under a tracer (coverage, in the full suite) CPython
+    # allocates per-code arrays (its line table: 44-120 B) on the function's first
+    # traced call, and they live as long as the code. Twice in full suites one was
+    # sampled (16 410 B left: a 52 B block at rate 16 KiB); with settrace and rate 1
+    # they show as the only blocks left, and without a tracer none is.
+    assert through(after, "hold_small_objects", inuse, min_bytes=1024) == 0
     alloc = column(after, "alloc_space")
     assert through(after, "hold_big_blocks", alloc) == through(data, "hold_big_blocks", alloc)
 
