@@ -47,9 +47,6 @@ class _Strings:
 _wire = native.wire
 """The C sample encoder (see :mod:`.native`), or None for the pure-Python path."""
 
-native_samples = _wire is not None
-"""Whether :func:`encode` takes ``sample_fields`` (the C encoder is loaded)."""
-
 
 def _header(data: ProfileData, strings: _Strings) -> pb.Profile:
     """Return the profile's message without its samples, locations, functions and strings."""
@@ -216,8 +213,7 @@ def profile_bytes(data: ProfileData, sample_fields: SampleFields | None = None) 
 
     With the C encoder (``_wire``) location and function ids are process-wide; without
     it they count from 1 (:func:`to_proto`). Either decodes to the same profile.
-    ``sample_fields`` adds samples already encoded (C encoder only: see
-    :data:`native_samples`).
+    ``sample_fields`` adds samples already encoded (C encoder only: ``native.wire``).
     """
     if _wire is not None:
         return _native_bytes(data, _wire, sample_fields)

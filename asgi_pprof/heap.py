@@ -28,7 +28,7 @@ import time
 import tracemalloc
 from typing import TYPE_CHECKING
 
-from . import gcsampler, heap_groups, limits
+from . import gcsampler, heap_groups, limits, native
 from .concurrency import Window, gc_deferred, run_in_thread, yield_gil
 from .heap_names import cache_facts
 from .heap_text import Row, heap_text, memory_facts
@@ -262,16 +262,14 @@ class HeapProfile(_TracemallocProfile):
     async def encoded(self, *, gc: bool = False) -> bytes:
         """Return the heap as gzipped profile.proto. With the C extensions the snapshot's
         rows are encoded as they are, no Sample made (what a scraper's request meets)."""
+        if heap_groups.native is None or native.wire is None:
+            return await super().encoded(gc=gc)
         self._check_tracing()
         return await run_in_thread(self._encoded)
 
     def _encoded(self) -> bytes:
         from . import builder  # in the worker thread: protobuf's import is ~30 ms
 
-        if heap_groups.native is None or not builder.native_samples:
-            data = self._build(True)
-            self.records = len(data.samples)
-            return builder.encode(data)
         rows = take_snapshot().rows
         self.records = len(rows)
         return builder.encode(
