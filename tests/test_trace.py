@@ -83,9 +83,17 @@ async def workload(delay: float, block: float, thread_spin: float) -> None:
     """After ``delay``: block the loop, spin a named thread, collect garbage, start tasks."""
     await asyncio.sleep(delay)
     trace_test_blocks_the_loop(block)
-    garbage = make_cycles(500)
-    del garbage  # 1000 objects only the collector can free
-    gc.collect()
+    # No automatic collection, on any thread (the lowered switch interval lets others run
+    # between two lines), may free some of the 1000 before the full one: once it took 282.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        garbage = make_cycles(500)
+        del garbage  # 1000 objects only the collector can free
+        gc.collect()
+    finally:
+        if enabled:
+            gc.enable()
     # After the collection: it holds the GIL throughout, so no thread is sampled meanwhile.
     th = threading.Thread(target=trace_test_thread_spins, args=(thread_spin,), name="trace-spin")
     th.start()
