@@ -293,11 +293,42 @@ static PyObject *function(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)n);
 }
 
+/* The visit of untrack(): a referent that the collector tracks (other than the
+ * object's type, which outlives every profile cache) could close a cycle. */
+static int refers_to_tracked(PyObject *child, void *arg) {
+    PyObject *obj = (PyObject *)arg;
+    if (child == (PyObject *)Py_TYPE(obj)) {
+        return 0;
+    }
+    return PyObject_IS_GC(child) && PyObject_GC_IsTracked(child);
+}
+
+PyDoc_STRVAR(untrack_doc,
+"untrack(obj) -> obj\n\n"
+"Return obj, no longer tracked by the cyclic garbage collector if it can be in no\n"
+"cycle: everything it refers to but its type is untracked or not a container (as\n"
+"CPython untracks such tuples and dicts itself, but at once rather than after a\n"
+"collection has scanned it). For the profile caches' frames and stacks: a first read\n"
+"of 100 000 new stacks left ~110 000 tracked objects, and the one young collection\n"
+"after it held the GIL ~27 ms. Refcounting frees them as before. Only for immutable\n"
+"objects: one changed later to refer to a container would never be collected.");
+
+static PyObject *untrack(PyObject *self, PyObject *obj) {
+    if (PyObject_IS_GC(obj) && PyObject_GC_IsTracked(obj)) {
+        traverseproc traverse = Py_TYPE(obj)->tp_traverse;
+        if (traverse != NULL && traverse(obj, refers_to_tracked, obj) == 0) {
+            PyObject_GC_UnTrack(obj);
+        }
+    }
+    return Py_NewRef(obj);
+}
+
 static PyMethodDef methods[] = {
     {"samples", (PyCFunction)(void (*)(void))samples, METH_FASTCALL, samples_doc},
     {"varint", (PyCFunction)(void (*)(void))varint, METH_FASTCALL, varint_doc},
     {"location", (PyCFunction)(void (*)(void))location, METH_FASTCALL, location_doc},
     {"function", (PyCFunction)(void (*)(void))function, METH_FASTCALL, function_doc},
+    {"untrack", untrack, METH_O, untrack_doc},
     {NULL, NULL, 0, NULL},
 };
 

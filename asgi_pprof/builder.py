@@ -154,7 +154,7 @@ def _location(wire: types.ModuleType, frame: Frame) -> tuple[bytes, bytes, int]:
     lid = next(_next_location)
     fid = symbols.function_id(frame)  # once: each lookup builds and hashes a key tuple
     field = wire.location(lid, symbols.address_in(fid, frame.line), fid + 1, frame.line)
-    hit = _locations[frame] = (wire.varint(lid), field, fid + 1)
+    hit = _locations[frame] = native.untracked((wire.varint(lid), field, fid + 1))
     return hit
 
 

@@ -116,9 +116,14 @@ class PiecesResponse(Response):
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         pieces = self.pieces or [b""]
+        self.pieces = []
         last = len(pieces) - 1
-        for i, piece in enumerate(pieces):
+        for i in range(len(pieces)):
+            # Each piece is let go once sent: freeing 550 pieces of 256 KiB together at
+            # the end (each one an munmap) held the loop ~10 ms.
+            piece, pieces[i] = pieces[i], b""
             await send({"type": "http.response.body", "body": piece, "more_body": i < last})
+            del piece
 
 
 def _binary(body: bytes, filename: str) -> Response:

@@ -25,6 +25,7 @@ from typing import TypeAlias
 
 from . import native, symbols
 from .model import Frame
+from .native import untracked
 
 __all__ = ["MAX_FILES", "MAX_FRAMES", "Names", "Traceback", "cache_facts", "module_of", "names"]
 
@@ -292,8 +293,9 @@ class Names:
             else:
                 qual = getattr(code, "co_qualname", code.co_name)
                 got = Frame(f"{prefix}.{qual}", filename, code.co_firstlineno, line)
+            got = untracked(got)  # a cache entry no collection needs to scan
             if depth == 0:
-                self.frames[fr] = got
+                self.frames[untracked(fr)] = got
                 if code is not None and codes.owners(line, 1) is not code:
                     self.multi.add(fr)
             else:

@@ -40,6 +40,7 @@ from typing import Any
 from . import native
 from .concurrency import yield_gil
 from .model import Frame, ProfileData, Sample, Stack, ValueType, function_name
+from .native import untracked
 
 __all__ = [
     "DEFAULT_RATE",
@@ -260,9 +261,10 @@ def _stack(native: Any, sid: int, generation: int) -> Stack:
                 if f is None:
                     # Named exactly as the CPU profile names a live frame (model.frame_of).
                     name = function_name(code, mod)
-                    f = _frames[key] = Frame(name, code.co_filename, code.co_firstlineno, line)
+                    f = Frame(name, code.co_filename, code.co_firstlineno, line)
+                    _frames[untracked(key)] = f = untracked(f)
                 frames.append(f)
-            st = tuple(frames)
+            st = untracked(tuple(frames))
         _stacks[sid] = st
     return st
 

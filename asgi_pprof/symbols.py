@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 from .model import Frame
+from .native import untracked
 
 __all__ = ["BASE", "address_in", "address_of", "entry_of", "function_id", "lookup"]
 
@@ -34,7 +35,7 @@ def function_id(frame: Frame) -> int:
             if fid is None:
                 fid = len(_names)
                 _names.append(frame.function)
-                _ids[key] = fid
+                _ids[untracked(key)] = fid  # no cycle scan of 100 000s of keys
     return fid
 
 

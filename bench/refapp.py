@@ -70,7 +70,7 @@ def _variants() -> None:
 
     def sample(self: tracing._Recorder) -> None:
         if "wall" in _without:
-            self._stop.wait()
+            self._stopped.acquire()  # held until the capture ends: no samples
         else:
             real_sample(self)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import sys
@@ -110,3 +111,30 @@ def test_bad_samples_raise_and_hold_nothing() -> None:
             wire.varint(*bad)
     with pytest.raises(TypeError):
         wire.location(1, 2, 3)
+
+
+@pytest.mark.skipif(NATIVE_OFF, reason="native encoder forced off")
+def test_untrack_takes_out_of_the_collectors_sight_only_what_can_be_in_no_cycle() -> None:
+    from asgi_pprof import _wire
+
+    frame = Frame("m.f", "/app/m.py", 1, 2)
+    stack = (frame, frame)
+    location = (b"\x01", b"\x22\x00", int("3"))  # made at run time (constants are untracked)
+    for obj in (frame, stack, location):
+        before = sys.getrefcount(obj)
+        assert gc.is_tracked(obj)
+        assert _wire.untrack(obj) is obj
+        assert not gc.is_tracked(obj)
+        assert sys.getrefcount(obj) == before
+    # A stack of a frame still tracked, or a tuple holding a container, could close a
+    # cycle: it stays in sight, and a cycle through it is still collected.
+    assert gc.is_tracked(_wire.untrack((Frame("m.g", "/app/m.py", 1, 2),)))
+    box: list[object] = []
+    cycle = (box,)
+    box.append(cycle)
+    assert _wire.untrack(cycle) is cycle
+    assert gc.is_tracked(cycle)
+    del box, cycle
+    assert gc.collect() >= 2
+    assert _wire.untrack(7) == 7
+    assert _wire.untrack("s") == "s"
