@@ -2,7 +2,9 @@
 
 Prints (1) the reference app's throughput, p99 and server CPU per request with sampling
 at 512 KiB vs off, and with tracemalloc at 1 and 16 frames (target for sampling: >= 0.98,
-Go's "minimal overhead"); (2) an allocation-heavy micro-benchmark, each variant in fresh
+Go's "minimal overhead"), each variant its own server process; then sampling against no
+hooks at all in one server process, switched between rounds (the fairer comparison);
+(2) an allocation-heavy micro-benchmark, each variant in fresh
 processes, alternated (target: <= 5 % slower): no hooks, hooks on at 512 KiB, hooks on
 but the rate 0, tracemalloc 1 and 16 frames; (3) memory per sampled allocation and the
 table after an hour-equivalent of the reference app's traffic; (4) the time to serve
@@ -20,13 +22,24 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, LagMonitor, RefServer, compare_to_base, load, med
+from bench.common import (
+    ROOT,
+    LagMonitor,
+    RefServer,
+    ab_rounds,
+    compare_to_base,
+    load,
+    measure,
+    med,
+    report,
+)
 from tests.workloads import distinct_stacks
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
@@ -65,6 +78,32 @@ def throughput() -> None:
     finally:
         for s in servers.values():
             s.__exit__(None, None, None)
+
+
+def throughput_in_process(rounds: int = 5 if QUICK else 12) -> None:
+    print(
+        f"== reference app, one server process: the hooks off (uninstalled) vs sampling at "
+        f"{RATE // 1024} KiB, switched between rounds ({rounds} rounds of {ROUND_S:.0f} s "
+        "each side, alternated): paired ratios of adjacent rounds, then the medians"
+    )
+    env = {"ASGI_PPROF_MEMORY_PROFILE_RATE": "0", "BENCH_MEMSAMPLE_TOGGLE": "1"}
+    with SampledRefServer(env) as srv:
+
+        def side(rate: int, path: str) -> Callable[[], dict[str, float]]:
+            def run() -> dict[str, float]:
+                httpx.get(f"{srv.url}/bench/memsample?rate={rate}").raise_for_status()
+                return measure(srv, path, ROUND_S)
+
+            return run
+
+        for path in ("/items?n=50", "/hello"):
+            measure(srv, path, 0.5)  # warm up
+            off, on = ab_rounds(rounds, side(0, path), side(RATE, path))
+            print(f" route {path}: hooks off vs sampled {RATE // 1024} KiB")
+            for key in ("rps", "cpu_ms_per_req"):
+                pairs = [b[key] / a[key] for a, b in zip(off, on, strict=True)]
+                print(f"  {key:15s} paired ratio {med(pairs)}")
+            report(f"sampled {RATE // 1024} KiB", off, on)
 
 
 # --- (2) the allocation-heavy micro-benchmark ------------------------------------------------
@@ -337,6 +376,7 @@ def main() -> None:
     table()
     serve()
     throughput()
+    throughput_in_process()
 
 
 if __name__ == "__main__":
