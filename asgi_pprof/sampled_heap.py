@@ -139,7 +139,7 @@ def heap_text_pieces(
     # A stack's lines are the same in each of its buckets (one per size class): made once.
     # Keyed by identity: the records of one table share one tuple per stack.
     tails: dict[int, str] = {}
-    for n, i in enumerate(order):
+    for i in order:
         st = stacks[i]
         tail = tails.get(id(st))
         if tail is None:
@@ -152,8 +152,7 @@ def heap_text_pieces(
             pieces.append("".join(out).encode())
             out.clear()
             size = 0
-        if n % 16 == 15:
-            yield_gil()
+        yield_gil()  # a new stack's lines (Go's tabwriter) take up to ~0.2 ms each
     _free_in_slices(ios, ibs, aos, abs_, keys, stacks)
     out.append("\n# Python memory\n")
     out.extend(f"# {k} = {v}\n" for k, v in facts)

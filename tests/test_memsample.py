@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import gzip
+import itertools
 import os
 import re
 import subprocess
@@ -501,24 +502,38 @@ async def test_a_first_read_of_new_stacks_leaves_the_collector_nothing_to_scan(
     assert len(kept) == 3000
 
 
-async def test_a_body_in_pieces_lets_each_piece_go_once_sent() -> None:
-    # 550 pieces of 256 KiB freed together when the response ended held the loop ~10 ms.
+async def test_a_body_in_pieces_lets_each_piece_go_and_the_loop_run_once_sent() -> None:
+    # 550 pieces of 256 KiB freed together when the response ended held the loop ~10 ms;
+    # sent to a client that kept up (send() never suspending), they were one 30-50 ms step.
     pieces = [bytes([65 + i]) * 1000 for i in range(5)]
     response = endpoints.PiecesResponse(list(pieces), "text/plain", {})
     held = response.pieces
     sent: list[bytes] = []
+    others: list[int] = []  # how often another task ran, at each piece
+    ran = 0
+
+    async def other_task() -> None:
+        nonlocal ran
+        while True:
+            ran += 1
+            await asyncio.sleep(0)
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: dict[str, Any]) -> None:  # never suspends
         if message["type"] == "http.response.body":
             sent.append(message["body"])
+            others.append(ran)
             assert held[: len(sent)] == [b""] * len(sent)  # this one and those before
 
+    other = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
     await response({"type": "http", "method": "GET"}, receive, send)
+    other.cancel()
     assert sent == pieces
     assert response.pieces == []
+    assert all(b > a for a, b in itertools.pairwise(others)), others
 
 
 @native
