@@ -24,6 +24,7 @@
 
 /* Record kinds: trace_events.STEP and trace_events.DONE. */
 #define KIND_STEP 0
+#define KIND_GC 2
 #define KIND_NEW 3
 #define KIND_DONE 4
 
@@ -37,7 +38,8 @@ static PyObject *s_callback, *s_loop, *s_get_name, *s_get_coro, *s_cr_code, *s_d
     *s_cancelled, *s_exception, *s_name, *s_self, *s_records, *s_finished,
     *s_see_loop, *s_full, *s_cancelled_state, *s_result_state,
     *s_exception_state, *s_code, *s_get_loop, *s_type, *s_path, *s_method, *s_scope, *s_http,
-    *s_websocket, *k_step, *k_new, *k_done;
+    *s_websocket, *s_start, *s_generation, *s_collected, *s_uncollectable, *k_step, *k_gc,
+    *k_new, *k_done, *k_minus_one, *k_zero;
 
 /* The clock of time.perf_counter_ns(): the other records of a trace are timed with it. */
 static inline int64_t
@@ -72,6 +74,7 @@ typedef struct {
     Py_ssize_t limit;
     int64_t step_start;
     int64_t step_end;
+    int64_t gc_start; /* perf_counter_ns at the running collection's "start" */
 } StepCapture;
 
 #define CAPTURE_OBJECTS(X)                                                                   \
@@ -147,7 +150,7 @@ capture_init(StepCapture *self, PyObject *args, PyObject *kwds)
     Py_CLEAR(self->last_loop);
     Py_CLEAR(self->last_loop_id);
     self->limit = limit;
-    self->step_start = self->step_end = 0;
+    self->step_start = self->step_end = self->gc_start = 0;
     return 0;
 }
 
@@ -157,9 +160,14 @@ capture_step_times(StepCapture *self, PyObject *unused)
     return Py_BuildValue("(LL)", (long long)self->step_start, (long long)self->step_end);
 }
 
+static PyObject *capture_on_gc(StepCapture *self, PyObject *const *args, Py_ssize_t nargs);
+
 static PyMethodDef capture_methods[] = {
     {"step_times", (PyCFunction)capture_step_times, METH_NOARGS,
      "Return (start, end) in perf_counter_ns of the running or last loop step."},
+    {"on_gc", (PyCFunction)(void (*)(void))capture_on_gc, METH_FASTCALL,
+     "on_gc(phase, info): a gc.callbacks entry recording each collection (tracing._Recorder.\n"
+     "on_gc's twin: under load young collections run thousands of times a second)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -413,6 +421,68 @@ coro_code(StepHook *hook, PyObject *coro)
         code = PyObject_CallOneArg(hook->code_of, coro);
     }
     return code;
+}
+
+/* Return a borrowed reference to info[key], or dflt when it is missing. NULL on error. */
+static PyObject *
+info_item(PyObject *info, PyObject *key, PyObject *dflt)
+{
+    if (!PyDict_Check(info))
+        return dflt;
+    PyObject *v = PyDict_GetItemWithError(info, key);
+    if (v == NULL && !PyErr_Occurred())
+        return dflt;
+    return v;
+}
+
+static PyObject *
+capture_on_gc(StepCapture *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "on_gc takes (phase, info)");
+        return NULL;
+    }
+    int64_t t = now_ns();
+    PyObject *phase = args[0], *info = args[1];
+    if (phase == s_start ||
+        (PyUnicode_Check(phase) && PyUnicode_Compare(phase, s_start) == 0)) {
+        self->gc_start = t;
+        Py_RETURN_NONE;
+    }
+    if (PyErr_Occurred()) /* PyUnicode_Compare failed */
+        return NULL;
+    PyObject *result = NULL, *records = NULL, *ident = NULL, *t0 = NULL, *t1 = NULL,
+             *rec = NULL;
+    records = get_records(self);
+    t1 = PyLong_FromLongLong(t);
+    if (records == NULL || t1 == NULL)
+        goto done;
+    if (PyList_GET_SIZE(records) >= self->limit) {
+        if (call_for_effect(self->rec, s_full, t1) < 0) /* counts it as dropped */
+            goto done;
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *gen = info_item(info, s_generation, k_minus_one);
+    PyObject *collected = gen == NULL ? NULL : info_item(info, s_collected, k_zero);
+    PyObject *uncollectable = collected == NULL ? NULL : info_item(info, s_uncollectable, k_zero);
+    if (uncollectable == NULL)
+        goto done;
+    ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    t0 = self->gc_start ? PyLong_FromLongLong(self->gc_start) : Py_NewRef(t1);
+    if (ident == NULL || t0 == NULL)
+        goto done;
+    rec = PyTuple_Pack(7, k_gc, ident, t0, t1, gen, collected, uncollectable);
+    if (rec == NULL || PyList_Append(records, rec) < 0)
+        goto done;
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(records);
+    Py_XDECREF(ident);
+    Py_XDECREF(t0);
+    Py_XDECREF(t1);
+    Py_XDECREF(rec);
+    return result;
 }
 
 /* --- which request a task serves: trace_routes.find_scope's twin ---------------------------
@@ -1004,7 +1074,14 @@ PyInit__tracestep(void)
         intern(&s_exception_state, "exception") || intern(&s_code, "__code__") ||
         intern(&s_get_loop, "get_loop") || intern(&s_type, "type") || intern(&s_path, "path") ||
         intern(&s_method, "method") || intern(&s_scope, "scope") || intern(&s_http, "http") ||
-        intern(&s_websocket, "websocket"))
+        intern(&s_websocket, "websocket") || intern(&s_start, "start") ||
+        intern(&s_generation, "generation") || intern(&s_collected, "collected") ||
+        intern(&s_uncollectable, "uncollectable"))
+        return NULL;
+    k_gc = PyLong_FromLong(KIND_GC);
+    k_minus_one = PyLong_FromLong(-1);
+    k_zero = PyLong_FromLong(0);
+    if (k_gc == NULL || k_minus_one == NULL || k_zero == NULL)
         return NULL;
     k_step = PyLong_FromLong(KIND_STEP);
     k_new = PyLong_FromLong(KIND_NEW);

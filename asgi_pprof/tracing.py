@@ -40,7 +40,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, cast
 
 from . import trace_hook
@@ -160,6 +160,8 @@ class _Recorder:
         )
         self.threads: dict[int, tuple[int | None, str]] = {}
         self._gc_t0 = 0
+        self._gc_callback: Callable[[str, dict[str, int]], None] = self.on_gc
+        """The ``gc.callbacks`` entry: :meth:`on_gc`, or the C capture's twin of it."""
         self._prev_factory: Any = None
         self._watched: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
         self._stopped = threading.Lock()
@@ -391,13 +393,17 @@ class _Recorder:
         """Hook the process (on the loop's thread). Undo with :meth:`uninstall`."""
         global _active
         self._refresh_threads()
-        gc.callbacks.append(self.on_gc)
         if not self.steps_visible:
             # uvloop runs its own handles: the step hook never sees its tasks, a factory does.
             self._prev_factory = self.loop.get_task_factory()
             self.loop.set_task_factory(self.task_factory)
         hook = self.hook = trace_hook.install(self, _native_hook)
         self.step_code, self.skip_codes = hook.step_code, hook.skip_codes
+        # With the C hook its capture records collections in C: under load young ones run
+        # thousands of times a second, and this Python callback cost ~1 % of the loop.
+        if hook.capture is not None:
+            self._gc_callback = hook.capture.on_gc
+        gc.callbacks.append(self._gc_callback)
         _active = self
         # The CPU profiler's sampler (shared with /profile): exact CPU ticks of the main
         # thread from its own SIGPROF handler, other threads' from their CPU timers.
@@ -437,7 +443,7 @@ class _Recorder:
                 log.warning("asgi_pprof: asyncio.Handle._run was replaced during a trace")
         finally:
             with contextlib.suppress(ValueError):
-                gc.callbacks.remove(self.on_gc)
+                gc.callbacks.remove(self._gc_callback)
             if self.loop.get_task_factory() == self.task_factory:
                 self.loop.set_task_factory(self._prev_factory)
             for task in list(self._watched):

@@ -19,7 +19,7 @@ import pytest
 
 from asgi_pprof import trace_hook, trace_routes, tracing
 from asgi_pprof.options import Options
-from asgi_pprof.trace_events import DONE, NEW, STEP
+from asgi_pprof.trace_events import DONE, GC, NEW, STEP
 
 from .conftest import STEP_HOOKS, run_python
 
@@ -679,3 +679,57 @@ def test_native_request_numbers_running_out_fail_the_step(
     task.get_coro().close()
     task._log_destroy_pending = False  # type: ignore[attr-defined]
     assert new_loop.run_until_complete(hook_test_child(1)) == 1
+
+
+@needs_native
+def test_native_gc_callback_records_as_the_python_one(
+    new_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The C capture's ``on_gc`` (the gc.callbacks entry with the C hook) records what
+    ``_Recorder.on_gc`` records, counts collections past the limit as dropped, and is the
+    callback a trace installs and removes."""
+    from asgi_pprof import _tracestep
+
+    rec = tracing._Recorder(new_loop, Options())
+    rec.limit = 2
+    cap = _tracestep.StepCapture(rec, set(), rec.limit, new_loop, set(), rec.requests)
+    info = {"generation": 1, "collected": 5, "uncollectable": 0}
+    cap.on_gc("start", info)
+    cap.on_gc("stop", info)
+    py = tracing._Recorder(new_loop, Options())
+    py.on_gc("start", info)
+    py.on_gc("stop", info)
+    (got,), (want,) = rec.records, py.records
+    assert got[0] == GC
+    assert got[1] == threading.get_ident()
+    assert 0 < got[2] <= got[3]
+    assert got[:2] + got[4:] == want[:2] + want[4:]
+    cap.on_gc("stop", {})  # no new start, no keys: Python's defaults, the last start
+    assert rec.records[1][4:] == (-1, 0, 0)
+    assert rec.records[1][2] == rec.records[0][2]
+    assert rec.dropped == 0
+    cap.on_gc("stop", info)  # the limit (2) is reached
+    assert len(rec.records) == 2
+    assert rec.dropped == 1
+    for bad in ((), ("stop",), ("stop", info, 1)):
+        with pytest.raises(TypeError):
+            cap.on_gc(*bad)
+
+
+@needs_native
+def test_a_trace_with_the_c_hook_records_collections_through_the_capture(
+    new_loop: asyncio.AbstractEventLoop,
+) -> None:
+    rec = tracing._Recorder(new_loop, Options())
+    rec.install()
+    try:
+        assert rec.hook is not None
+        assert rec.hook.capture is not None
+        callback = rec._gc_callback
+        assert callback == rec.hook.capture.on_gc
+        assert callback in gc.callbacks
+        gc.collect()
+    finally:
+        rec.uninstall()
+    assert callback not in gc.callbacks
+    assert any(r[0] == GC and r[4] == 2 for r in rec.records)
