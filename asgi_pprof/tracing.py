@@ -469,7 +469,7 @@ class _Recorder:
         if self.hook is not None:
             self.hook.uninstall()
         with contextlib.suppress(ValueError):
-            gc.callbacks.remove(self.on_gc)
+            gc.callbacks.remove(self._gc_callback)
         self.discard()
 
     def discard(self) -> None:

@@ -471,7 +471,7 @@ def test_no_native_hook_under_the_switch() -> None:
 def test_a_child_forked_during_a_capture_runs_without_it(hook: str) -> None:
     """The child's loop steps run through the original Handle._run again, and it can trace."""
     code = f"""
-        import asyncio, os, sys
+        import asyncio, gc, os, sys
         from asgi_pprof import trace_hook, tracing
         from asgi_pprof.concurrency import SleepWindow
         from asgi_pprof.options import Options
@@ -480,6 +480,8 @@ def test_a_child_forked_during_a_capture_runs_without_it(hook: str) -> None:
         async def child() -> None:
             assert not tracing.is_capturing()
             assert asyncio.Handle.__dict__["_run"] is trace_hook._original_run
+            # No gc callback of the parent's capture (Python's or the C capture's) stays.
+            assert not [cb for cb in gc.callbacks if "on_gc" in repr(cb)], gc.callbacks
             body = await tracing.capture(0.05, SleepWindow(), Options())  # not busy here
             assert body.startswith(b"{{")
 
