@@ -161,6 +161,8 @@ capture_step_times(StepCapture *self, PyObject *unused)
 }
 
 static PyObject *capture_on_gc(StepCapture *self, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *capture_task_created(StepCapture *self, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *capture_finished(StepCapture *self, PyObject *n);
 
 static PyMethodDef capture_methods[] = {
     {"step_times", (PyCFunction)capture_step_times, METH_NOARGS,
@@ -168,6 +170,12 @@ static PyMethodDef capture_methods[] = {
     {"on_gc", (PyCFunction)(void (*)(void))capture_on_gc, METH_FASTCALL,
      "on_gc(phase, info): a gc.callbacks entry recording each collection (tracing._Recorder.\n"
      "on_gc's twin: under load young collections run thousands of times a second)."},
+    {"task_created", (PyCFunction)(void (*)(void))capture_task_created, METH_FASTCALL,
+     "task_created(key, coro, code) -> request number or None: trace_routes.Requests.\n"
+     "task_created's twin, for the task factory of loops whose steps are not seen (uvloop)."},
+    {"finished", (PyCFunction)capture_finished, METH_O,
+     "finished(n): label request n, whose task finished (Requests.finished's twin, with\n"
+     "the (method, path) cache)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -701,6 +709,16 @@ none:
     Py_RETURN_NONE;
 }
 
+static PyObject *
+capture_task_created(StepCapture *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "task_created takes (key, coro, code)");
+        return NULL;
+    }
+    return task_request(self, args[0], args[1], args[2]);
+}
+
 /* A task's first step in this capture, before it runs (tracing._Recorder.first_step's
  * twin): note it seen, find the request it serves, and record it as created when it is a
  * new task of the trace request's loop. 0, or -1 with an error set. */
@@ -807,6 +825,14 @@ done:
     Py_XDECREF(key);
     Py_XDECREF(text);
     return ret;
+}
+
+static PyObject *
+capture_finished(StepCapture *self, PyObject *n)
+{
+    if (label_request(self, n) < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 /* Append the records of one step that ran from t0 to t1. 0, or -1 with an error set. */

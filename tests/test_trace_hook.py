@@ -735,3 +735,41 @@ def test_a_trace_with_the_c_hook_records_collections_through_the_capture(
         rec.uninstall()
     assert callback not in gc.callbacks
     assert any(r[0] == GC and r[4] == 2 for r in rec.records)
+
+
+@needs_native
+def test_native_task_created_and_finished_are_the_python_ones(
+    new_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The C capture's ``task_created`` and ``finished`` (uvloop's task factory uses them)
+    find the request a new task serves and label it as ``trace_routes.Requests`` does."""
+    from asgi_pprof import _tracestep
+
+    rec = tracing._Recorder(new_loop, Options())
+    cap = _tracestep.StepCapture(rec, set(), rec.limit, new_loop, set(), rec.requests)
+    py = trace_routes.Requests()
+    coros = []
+    for requests, created, finished in (
+        (rec.requests, cap.task_created, cap.finished),
+        (py, py.task_created, py.finished),
+    ):
+        got = []
+        for path in ("/a", "/b", "/a"):
+            coro = HookTestCycle(hook_scope(path)).run_asgi(None)
+            coros.append(coro)
+            n = created(id(coro), coro, coro.cr_code)
+            assert n is not None
+            assert requests.of_task[id(coro)] == n
+            assert requests.scopes[n]["path"] == path
+            finished(n)
+            got.append(requests.labels[n])
+            assert n not in requests.scopes
+        plain = asyncio.sleep(0)
+        coros.append(plain)
+        assert created(id(plain), plain, plain.cr_code) is None  # serves no request
+        assert created(1, plain, None) is None
+        assert got == ["GET /a", "GET /b", "GET /a"]
+    for coro in coros:
+        coro.close()
+    with pytest.raises(TypeError):
+        cap.task_created(1, None)
