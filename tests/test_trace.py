@@ -88,9 +88,15 @@ async def workload(delay: float, block: float, thread_spin: float) -> None:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        garbage = make_cycles(500)
-        del garbage  # 1000 objects only the collector can free
-        gc.collect()
+        # gc.collect() does nothing while a collection runs on another thread (one whose
+        # Python callbacks let the GIL go: once no gen-2 slice at all), and that one may
+        # take the garbage: new garbage each time, until our own collection took it.
+        for _ in range(100):
+            garbage = make_cycles(500)
+            del garbage  # 1000 objects only the collector can free
+            if gc.collect() >= 1000:
+                break
+            time.sleep(0.002)
     finally:
         if enabled:
             gc.enable()
