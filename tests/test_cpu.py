@@ -390,7 +390,7 @@ async def test_loop_stays_free_while_capturing_and_encoding(
         if n:
             deep(n - 1, rng)
             return
-        workloads.spin_cpu(0.0005)
+        workloads.spin_cpu(0.001)  # 0.5 ms gave 18-30 distinct samples: once too few
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
