@@ -53,6 +53,7 @@ from .trace_hook import Hook, code_of
 from .trace_routes import Requests
 
 if TYPE_CHECKING:
+    from ._tracestep import StepCapture
     from .concurrency import Window
     from .options import Options
 
@@ -162,12 +163,9 @@ class _Recorder:
         self._gc_t0 = 0
         self._gc_callback: Callable[[str, dict[str, int]], None] = self.on_gc
         """The ``gc.callbacks`` entry: :meth:`on_gc`, or the C capture's twin of it."""
-        self._task_created: Callable[[int, object, types.CodeType | None], int | None] = (
-            self.requests.task_created
-        )
-        self._finished: Callable[[int], None] = self.requests.finished
-        """The request of a new task, and its label when done: ``requests``' own, or the
-        C capture's twins (the same dicts)."""
+        self._task_requests: Requests | StepCapture = self.requests
+        """What finds a new task's request and labels it when done (``task_created``,
+        ``finished``): ``requests`` itself, or the C capture's twins (the same dicts)."""
         self._prev_factory: Any = None
         self._watched: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
         self._stopped = threading.Lock()
@@ -245,7 +243,7 @@ class _Recorder:
         t = _now()
         if not self.full(t):
             code = code_of(coro)
-            req = self._task_created(id(task), coro, code)
+            req = self._task_requests.task_created(id(task), coro, code)
             # The name may still change (3.11/3.12 set it after the factory returns): the
             # task's completion, or the end of the capture (see read_names), tells.
             self.records.append(
@@ -288,7 +286,7 @@ class _Recorder:
         t = _now()
         req = self.request_of.get(id(task))
         if req is not None:
-            self._finished(req)
+            self._task_requests.finished(req)
         if self.full(t):
             return
         get_name = getattr(task, "get_name", None)
@@ -411,8 +409,7 @@ class _Recorder:
             self._gc_callback = hook.capture.on_gc
             # And the task factory's per-task work (uvloop, whose steps are not seen): the
             # request a task serves, found without a frame or f_locals, and its label.
-            self._task_created = hook.capture.task_created
-            self._finished = hook.capture.finished
+            self._task_requests = hook.capture
         gc.callbacks.append(self._gc_callback)
         _active = self
         # The CPU profiler's sampler (shared with /profile): exact CPU ticks of the main
