@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint types pytest bench proto clean
 
-$(STAMP): pyproject.toml asgi_pprof/_memsample.c asgi_pprof/_wire.c asgi_pprof/_tracestep.c asgi_pprof/_traces.c
+$(STAMP): pyproject.toml asgi_pprof/_memsample.c asgi_pprof/_wire.c asgi_pprof/_tracestep.c asgi_pprof/_traces.c asgi_pprof/_stacks.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -404,6 +404,28 @@ call_for_effect(PyObject *obj, PyObject *name, PyObject *arg)
     return r == NULL ? -1 : 0;
 }
 
+/* Append rec (a new tuple) to records, out of the collector's sight when no item of it is a
+ * tracked container: such a tuple can be in no cycle, and a capture keeps up to
+ * trace_max_events of them. Tracked, each would be scanned by every young collection until
+ * promoted, and would then grow the old generation until full collections ran (issue 8,
+ * item 13). CPython untracks such tuples itself, but only once a collection has scanned
+ * them. 0, or -1 with an error set. */
+static int
+append_record(PyObject *records, PyObject *rec)
+{
+    int atomic = 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(rec); i++) {
+        PyObject *item = PyTuple_GET_ITEM(rec, i);
+        if (PyObject_IS_GC(item) && PyObject_GC_IsTracked(item)) {
+            atomic = 0;
+            break;
+        }
+    }
+    if (atomic)
+        PyObject_GC_UnTrack(rec);
+    return PyList_Append(records, rec);
+}
+
 /* Return a new reference to the recorder's list of records. NULL on error. */
 static PyObject *
 get_records(StepCapture *cap)
@@ -481,7 +503,7 @@ capture_on_gc(StepCapture *self, PyObject *const *args, Py_ssize_t nargs)
     if (ident == NULL || t0 == NULL)
         goto done;
     rec = PyTuple_Pack(7, k_gc, ident, t0, t1, gen, collected, uncollectable);
-    if (rec == NULL || PyList_Append(records, rec) < 0)
+    if (rec == NULL || append_record(records, rec) < 0)
         goto done;
     result = Py_NewRef(Py_None);
 done:
@@ -759,7 +781,7 @@ first_step(StepHook *hook, StepCapture *cap, PyObject *task, PyObject *key)
         if (name == NULL || ident == NULL || loop_id == NULL)
             goto done;
         rec = PyTuple_Pack(8, k_new, ident, t, loop_id, name, code, key, req);
-        if (rec == NULL || PyList_Append(records, rec) < 0)
+        if (rec == NULL || append_record(records, rec) < 0)
             goto done;
     }
     else if (call_for_effect(cap->rec, s_full, t) < 0)
@@ -888,7 +910,7 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
             req = Py_None;
         }
         rec = PyTuple_Pack(7, k_step, loop_id, start, end, code, name, req);
-        if (rec == NULL || PyList_Append(records, rec) < 0)
+        if (rec == NULL || append_record(records, rec) < 0)
             goto done;
         Py_CLEAR(rec);
         PyObject *r = PyObject_CallMethodNoArgs(task, s_done);
@@ -923,7 +945,7 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
                 goto done;
             rec = PyTuple_Pack(9, k_done, ident, end, loop_id, name, code, key, req, state);
             Py_DECREF(ident);
-            if (rec == NULL || PyList_Append(records, rec) < 0)
+            if (rec == NULL || append_record(records, rec) < 0)
                 goto done;
             if (PySet_Discard(cap->seen, key) < 0) /* the id may be reused by a new task */
                 goto done;
@@ -937,7 +959,7 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
         if (what == NULL)
             goto done;
         rec = PyTuple_Pack(7, k_step, loop_id, start, end, what, Py_None, Py_None);
-        if (rec == NULL || PyList_Append(records, rec) < 0)
+        if (rec == NULL || append_record(records, rec) < 0)
             goto done;
     }
     ret = 0;

@@ -281,14 +281,13 @@ class _NoCPU:
         pass
 
 
-def cycle_cost() -> None:
-    print("== in-process: CPU per request-like cycle (3 loop steps, 1 task), 20 000 cycles")
-    n = 20_000
+def cycle_cost(n: int = 20_000) -> None:
+    print(f"== in-process: CPU per request-like cycle (3 loop steps, 1 task), {n} cycles")
     real_get_sampler = tracing.get_sampler
     real_sample = tracing._Recorder._sample
 
     def no_wall(self: Any) -> None:
-        self._stop.wait()
+        self._stopped.acquire()  # held until the capture ends: no samples
 
     variants: dict[str, Any] = {
         "everything": {},

@@ -6,7 +6,7 @@ import os
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
 
 from asgi_pprof import create_app
@@ -17,11 +17,19 @@ def render_items(n: int) -> list[dict[str, object]]:
     return [{"id": i, "name": f"item-{i}", "tags": ["a", "b"], "score": i * 0.5} for i in range(n)]
 
 
+served = 0
+"""Requests the two load routes answered (``/bench/served``: windows count their own)."""
+
+
 async def items(request: Request) -> JSONResponse:
+    global served
+    served += 1
     return JSONResponse(render_items(int(request.query_params.get("n", "50"))))
 
 
 async def hello(request: Request) -> JSONResponse:
+    global served
+    served += 1
     return JSONResponse({"hello": "world"})
 
 
@@ -101,9 +109,20 @@ async def trace_variant(request: Request) -> JSONResponse:
     _without.update(p for p in request.query_params.get("without", "").split(",") if p)
     hook = request.query_params.get("hook", "")
     tracing._native_hook = None if not hook else hook == "native"
+    # Which CPU ticks the sampler opens from now on (cputicks reads it at each open).
+    ticks = request.query_params.get("ticks", "")
+    if ticks:
+        os.environ["ASGI_PPROF_CPU_TICKS"] = ticks
+    else:
+        os.environ.pop("ASGI_PPROF_CPU_TICKS", None)
     return JSONResponse({"without": sorted(_without), "hook": hook})
+
+
+async def served_count(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(str(served))
 
 
 if os.environ.get("BENCH_TRACE_VARIANTS"):
     _variants()
     app.router.routes.insert(0, Route("/bench/trace-variant", trace_variant))
+    app.router.routes.insert(0, Route("/bench/served", served_count))
