@@ -37,6 +37,8 @@ class Options:
     switch_interval: float | None = 0.0001
     """GIL switch interval (s) while a CPU profile runs (0.1 ms), so samples land where CPU burns.
 
+    Lowered only while it buys accuracy: while a thread other than the main one (which
+    takes its own ticks) runs, and no CPU-bound threads contend for the GIL (``sampler``).
     None leaves the interpreter's setting alone (cheaper for GIL-heavy threads, but
     bursts shorter than the interval are then charged to the line the thread blocked on).
     """

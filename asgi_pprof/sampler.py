@@ -208,6 +208,10 @@ _CONTENDED_SHARE = 0.9
 """CPU-bound threads using together more than this share of a core contend for the GIL
 (with the GIL, Python threads can use at most one core between them)."""
 
+_ACTIVE_SHARE = 0.005
+"""A thread read from outside that used this share of a core (over the last rescan) runs:
+its bursts are what the low interval is for."""
+
 
 # --- the sampler ---------------------------------------------------------------------------
 
@@ -472,7 +476,12 @@ class Sampler:
                 if now - last_scan >= _RESCAN_S:
                     last_scan = now
                     targets = self._targets()
-                    self._adapt_switch_interval(now, targets, threading.get_ident())
+                    ours = {
+                        t.ident
+                        for t in threading.enumerate()
+                        if t.ident is not None and t.name.startswith(THREAD_PREFIX)
+                    }
+                    self._adapt_switch_interval(now, targets, threading.get_ident(), ours)
                     for ident in [i for i in tickers if targets.get(i) != tickers[i][0]]:
                         gone = tickers.pop(ident)[1]
                         keys.pop(gone.key, None)
@@ -528,7 +537,9 @@ class Sampler:
                     self._delete_main_timer()
             self._drain(fd)
 
-    def _adapt_switch_interval(self, now: float, targets: dict[int, int], my_ident: int) -> None:
+    def _adapt_switch_interval(
+        self, now: float, targets: dict[int, int], my_ident: int, ours: set[int]
+    ) -> None:
         """Lower the switch interval only while it buys accuracy (issue 8, item 14).
 
         The low interval exists so that a thread whose CPU burst is shorter than the
@@ -540,9 +551,18 @@ class Sampler:
         interval stays unless two or more threads are CPU-bound (:data:`_BUSY_SHARE`) and
         together keep the GIL busy (:data:`_CONTENDED_SHARE` of the last rescan's wall
         time, from the threads' own CPU clocks).
+
+        Nor is it lowered when no thread read from outside runs at all (:data:`_ACTIVE_SHARE`):
+        the main thread takes its own ticks (exact whatever the interval), and our own
+        threads are not what a profile is for. An asyncio service whose only busy thread is
+        its loop then keeps the interpreter's interval: measured side by side, the low one
+        made the samplers' threads wake every 0.1 ms for the GIL whenever the loop was off
+        its core (2-5 us of CPU per request of a busy uvicorn sharing its core).
         """
         busy = 0
         total = 0.0
+        active = False
+        main = self._main_ident if self._main_by_signal else None
         elapsed = now - self._cpu_at
         seen: dict[int, int] = {}
         for ident, tid in targets.items():
@@ -558,11 +578,15 @@ class Sampler:
                 if share > _BUSY_SHARE:
                     busy += 1
                     total += share
+                if share >= _ACTIVE_SHARE and ident != main and ident not in ours:
+                    active = True
         self._cpu_seen, self._cpu_at = seen, now
+        if elapsed > 4 * _RESCAN_S:
+            return  # shares since a reading long ago (the previous capture) say nothing now
         with self._lock:
             if self.switch_interval is None or not self._captures:
                 return
-            want_low = busy <= 1 or total < _CONTENDED_SHARE
+            want_low = active and (busy <= 1 or total < _CONTENDED_SHARE)
             if want_low != self._holding_switch:
                 self._holding_switch = want_low
                 _switch.want(id(self), self.switch_interval if want_low else None)

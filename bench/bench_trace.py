@@ -159,6 +159,119 @@ def throughput() -> None:
                 report_variants(res)
 
 
+def _schedstat_cpu(pid: int) -> tuple[float, float]:
+    """Return the CPU seconds (every thread, the main thread) ``pid`` has run so far, from
+    schedstat (exact to the ns, where /proc's stat counts 10 ms ticks)."""
+    total = main = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ns = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended
+        total += ns
+        if task.name == str(pid):
+            main = ns
+    return total / 1e9, main / 1e9
+
+
+TWIN_VARIANTS: dict[str, str] = {
+    "the whole trace, C hook": "hook=native",
+    "the C hook alone": "hook=native&without=wall,cpu",
+    "the samplers alone": "without=hook",
+    "the CPU sampler alone": "without=hook,wall",
+    "the wall-clock sampler alone": "without=hook,cpu",
+    "nothing (the method's zero)": "without=hook,wall,cpu",
+}
+"""What ``side_by_side`` traces (``/bench/trace-variant``'s query), each against no trace."""
+
+
+def side_by_side(rounds: int = 10, window: float = 2.0, loops: tuple[str, ...] = LOOPS) -> None:
+    """The trace's cost per request against host noise: two identical servers on one core,
+    loaded at once from the other core, one traced at a time, roles swapped each round.
+
+    On this kind of shared VM the same work's CPU time drifts by up to 2x within seconds,
+    so rounds of one server alternated in time (``throughput``) read ±10-15 %; two servers
+    sharing one core see the same drift at the same moment, and the ratio of their CPU per
+    request (every thread, from schedstat, over requests counted by the app) cancels it.
+    The zero variant (a trace with every part left out) checks the method reads 1.00.
+    """
+    if shutil.which("taskset") is None or os.cpu_count() == 1:
+        print("== side by side: needs taskset and two cores")
+        return
+    print(
+        "== the trace's cost, side by side: two servers on core 0, loaded from core 1, one "
+        f"traced per round, roles swapped ({rounds} rounds of {window:g} s): traced / untraced "
+        "server CPU per request (median, quartiles), and the traced server's other threads"
+    )
+    for loop in loops:
+        variants = TWIN_VARIANTS if loop == "asyncio" else {"the whole trace": ""}
+        for path in PATHS:
+            print(f" loop {loop}, route {path}")
+            for name, query in variants.items():
+                print(f"  {name:30s} {_twin(loop, path, query, rounds, window)}")
+
+
+def _twin(loop: str, path: str, query: str, rounds: int, window: float) -> str:
+    env = {"UVICORN_LOOP": loop, "BENCH_TRACE_VARIANTS": "1"}
+    with RefServer(env=env) as a, RefServer(env=env) as b:
+        srvs = [a, b]
+        pids = [s.proc.pid for s in srvs if s.proc is not None]
+        for pid in pids:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(task), {0})  # new threads inherit it
+        total = rounds * (window + 2.5) + 30
+        loadgen = str(Path(__file__).parent / "loadgen.py")
+        gens = [
+            subprocess.Popen(
+                ["taskset", "-c", "1", sys.executable, loadgen, s.url + path, str(total), "4"],
+                stdout=subprocess.DEVNULL,
+            )
+            for s in srvs
+        ]
+        clients = [httpx.Client(base_url=s.url, timeout=120) for s in srvs]
+        try:
+            for c in clients:
+                c.get(f"/bench/trace-variant?{query}").raise_for_status()
+            time.sleep(2)  # warm up
+            ratios: list[float] = []
+            others: list[float] = []
+            for i in range(rounds):
+                k = i % 2  # the one traced this round
+                got: dict[str, httpx.Response] = {}
+
+                def trace(k: int = k, got: dict[str, httpx.Response] = got) -> None:
+                    got["r"] = clients[k].get(f"/debug/pprof/trace?seconds={window + 0.5}")
+
+                t = threading.Thread(target=trace)
+                t.start()
+                time.sleep(0.25)  # installed
+                n0 = [int(c.get("/bench/served").text) for c in clients]
+                s0 = [_schedstat_cpu(p) for p in pids]
+                time.sleep(window)
+                n1 = [int(c.get("/bench/served").text) for c in clients]
+                s1 = [_schedstat_cpu(p) for p in pids]
+                c0, c1 = [x[0] for x in s0], [x[0] for x in s1]
+                l0, l1 = s0[k][1], s1[k][1]  # the traced server's loop thread
+                t.join()
+                assert got["r"].status_code == 200, got["r"].text
+                per = [(c1[j] - c0[j]) / max(1, n1[j] - n0[j]) for j in range(2)]
+                ratios.append(per[k] / per[1 - k])
+                others.append(((c1[k] - c0[k]) - (l1 - l0)) * 1e6 / max(1, n1[k] - n0[k]))
+                time.sleep(0.3)  # the trace is written: outside the next window
+        finally:
+            for c in clients:
+                c.close()
+            for g in gens:
+                g.kill()
+                g.wait()
+    ratios.sort()
+    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    return (
+        f"x{statistics.median(ratios):.3f} ({q1:.3f}..{q3:.3f}); other threads "
+        f"{statistics.median(others):.1f} us per request"
+    )
+
+
 def after_trace() -> None:
     print("== once a trace has ended: a server never traced vs one traced twice before")
     path = PATHS[0]
@@ -642,9 +755,13 @@ def main() -> int:
     if sys.argv[1:2] == ["--callgrind"]:
         server_instructions()
         return 0
+    if sys.argv[1:2] == ["--side-by-side"]:
+        side_by_side()
+        return 0
     if sys.argv[1:2] == ["--samplers"]:
         sampler_cost()
         return 0
+    side_by_side()
     throughput()
     server_instructions()
     instructions()

@@ -540,8 +540,12 @@ def test_python_dash_m_serves(tmp_path: Path) -> None:
         proc.wait(10)
 
 
-def test_overlapping_samplers_restore_the_switch_interval() -> None:
+def test_overlapping_samplers_restore_the_switch_interval(stop: threading.Event) -> None:
     before = sys.getswitchinterval()
+    # A thread that bursts: each sampler wants its low interval all along (with only the
+    # main thread running, either would go back to the interpreter's at its next rescan).
+    bursts = threading.Thread(target=workloads.short_bursts_forever, args=(stop,))
+    bursts.start()
     a, b = get_sampler(100, 0.0002), get_sampler(50, 0.0001)
     cap_a = a.subscribe()
     assert sys.getswitchinterval() == pytest.approx(0.0002)
@@ -553,6 +557,8 @@ def test_overlapping_samplers_restore_the_switch_interval() -> None:
     a.release_signal()
     b.release_signal()
     assert sys.getswitchinterval() == before
+    stop.set()
+    bursts.join()
 
 
 def test_posix_timers_in_process(monkeypatch: pytest.MonkeyPatch, stop: threading.Event) -> None:
