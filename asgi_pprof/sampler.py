@@ -34,7 +34,7 @@ import types
 from dataclasses import dataclass, field
 
 from . import cputicks
-from .concurrency import THREAD_PREFIX
+from .concurrency import THREAD_PREFIX, is_own_thread
 from .frames import RawStack, current_stacks, resolve, stack_now
 from .labelling import all_thread_labels, current_labels
 from .model import Labels, Stack
@@ -433,11 +433,12 @@ class Sampler:
                     if cap.timeline is not None:
                         cap.timeline.append((now, ident, key[0]))
 
-    def _targets(self) -> dict[int, int]:
-        """Return {ident: kernel tid} of the threads to profile (ours too: labelled later)."""
+    def _targets(self, threads: list[threading.Thread] | None = None) -> dict[int, int]:
+        """Return {ident: kernel tid} of the threads to profile (ours too: labelled later),
+        of ``threads`` (default: ``threading.enumerate()``)."""
         out = {
             t.ident: t.native_id
-            for t in threading.enumerate()
+            for t in (threading.enumerate() if threads is None else threads)
             if t.ident is not None and t.native_id is not None
         }
         out.update(_forked_native_ids)
@@ -475,11 +476,10 @@ class Sampler:
                 now = time.monotonic()
                 if now - last_scan >= _RESCAN_S:
                     last_scan = now
-                    targets = self._targets()
+                    threads = threading.enumerate()
+                    targets = self._targets(threads)
                     ours = {
-                        t.ident
-                        for t in threading.enumerate()
-                        if t.ident is not None and t.name.startswith(THREAD_PREFIX)
+                        t.ident for t in threads if t.ident is not None and is_own_thread(t.name)
                     }
                     self._adapt_switch_interval(now, targets, threading.get_ident(), ours)
                     for ident in [i for i in tickers if targets.get(i) != tickers[i][0]]:

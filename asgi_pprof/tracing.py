@@ -44,7 +44,7 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, cast
 
 from . import trace_hook
-from .concurrency import THREAD_PREFIX, run_in_thread
+from .concurrency import THREAD_PREFIX, is_own_thread, run_in_thread
 from .frames import current_code_stacks
 from .profiles import ProfileError
 from .sampler import Capture, Sampler, get_sampler
@@ -314,7 +314,7 @@ class _Recorder:
             if th.ident is None:
                 continue
             self.threads[th.ident] = (th.native_id, th.name)
-            if th.name.startswith(THREAD_PREFIX):
+            if is_own_thread(th.name):
                 skip.add(th.ident)
         return skip
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from asgi_pprof import cputicks, create_app
 from asgi_pprof.frames import current_stacks, resolve
 from asgi_pprof.sampler import get_sampler
-from bench.common import LagMonitor, RefServer, ab_rounds, during, measure, med, report
+from bench.common import LagMonitor, RefServer, ab_rounds, during, measure, med, quartiles, report
 
 ROUND_S = 4.0
 ROUNDS = 6
@@ -201,11 +201,10 @@ def capture_cost_on_threads(rounds: int = 40, work: int = 3000) -> None:
                 ratios[mode].append(cpu[mode] / cpu["none"])
         print(f"  {threads} thread(s): no capture CPU {med(base)} s per round")
         for mode, xs in ratios.items():
-            xs.sort()
-            q1, q3 = xs[len(xs) // 4], xs[(3 * len(xs)) // 4]
+            q1, q3 = quartiles(xs)
             print(
                 f"    {mode:9s} CPU x{statistics.median(xs):.3f} "
-                f"(quartiles {q1:.3f}..{q3:.3f}, all {xs[0]:.2f}..{xs[-1]:.2f})"
+                f"(quartiles {q1:.3f}..{q3:.3f}, all {min(xs):.2f}..{max(xs):.2f})"
             )
 
 

@@ -54,6 +54,7 @@ from bench.common import (
     load,
     measure,
     med,
+    quartiles,
     report,
 )
 
@@ -71,15 +72,19 @@ LOOPS = ("asyncio", "uvloop")
 
 
 def _threads_cpu(pid: int) -> dict[int, float]:
-    """Return each thread's CPU seconds so far (user + system), by kernel thread id."""
+    """Return each thread's CPU seconds so far, by kernel thread id: from schedstat (exact
+    to the ns), else from stat (user + system, counted in 10 ms ticks)."""
     out: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            try:
+                out[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+            except FileNotFoundError:  # a kernel without schedstats
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
         except OSError:
             continue  # the thread ended
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
@@ -159,21 +164,6 @@ def throughput() -> None:
                 report_variants(res)
 
 
-def _schedstat_cpu(pid: int) -> tuple[float, float]:
-    """Return the CPU seconds (every thread, the main thread) ``pid`` has run so far, from
-    schedstat (exact to the ns, where /proc's stat counts 10 ms ticks)."""
-    total = main = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            ns = int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # the thread ended
-        total += ns
-        if task.name == str(pid):
-            main = ns
-    return total / 1e9, main / 1e9
-
-
 TWIN_VARIANTS: dict[str, str] = {
     "the whole trace, C hook": "hook=native",
     "the C hook alone": "hook=native&without=wall,cpu",
@@ -246,12 +236,13 @@ def _twin(loop: str, path: str, query: str, rounds: int, window: float) -> str:
                 t.start()
                 time.sleep(0.25)  # installed
                 n0 = [int(c.get("/bench/served").text) for c in clients]
-                s0 = [_schedstat_cpu(p) for p in pids]
+                s0 = [_threads_cpu(p) for p in pids]
                 time.sleep(window)
                 n1 = [int(c.get("/bench/served").text) for c in clients]
-                s1 = [_schedstat_cpu(p) for p in pids]
-                c0, c1 = [x[0] for x in s0], [x[0] for x in s1]
-                l0, l1 = s0[k][1], s1[k][1]  # the traced server's loop thread
+                s1 = [_threads_cpu(p) for p in pids]
+                c0, c1 = [sum(x.values()) for x in s0], [sum(x.values()) for x in s1]
+                loop = pids[k]  # the traced server's loop thread: its main thread
+                l0, l1 = s0[k].get(loop, 0.0), s1[k].get(loop, 0.0)
                 t.join()
                 assert got["r"].status_code == 200, got["r"].text
                 per = [(c1[j] - c0[j]) / max(1, n1[j] - n0[j]) for j in range(2)]
@@ -264,8 +255,7 @@ def _twin(loop: str, path: str, query: str, rounds: int, window: float) -> str:
             for g in gens:
                 g.kill()
                 g.wait()
-    ratios.sort()
-    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    q1, q3 = quartiles(ratios)
     return (
         f"x{statistics.median(ratios):.3f} ({q1:.3f}..{q3:.3f}); other threads "
         f"{statistics.median(others):.1f} us per request"

@@ -166,6 +166,12 @@ def med(values: list[float]) -> str:
     return f"{statistics.median(values):.3g} ({min(values):.3g}..{max(values):.3g})"
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """Return the first and third quartiles of values (the 25th and 75th of them, sorted)."""
+    xs = sorted(values)
+    return xs[len(xs) // 4], xs[(3 * len(xs)) // 4]
+
+
 def report(name: str, base: list[dict[str, float]], other: list[dict[str, float]]) -> None:
     """Print medians with spread for both sides and the ratios of the medians."""
     for key in ("rps", "p99_ms", "cpu_ms_per_req"):

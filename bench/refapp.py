@@ -109,12 +109,6 @@ async def trace_variant(request: Request) -> JSONResponse:
     _without.update(p for p in request.query_params.get("without", "").split(",") if p)
     hook = request.query_params.get("hook", "")
     tracing._native_hook = None if not hook else hook == "native"
-    # Which CPU ticks the sampler opens from now on (cputicks reads it at each open).
-    ticks = request.query_params.get("ticks", "")
-    if ticks:
-        os.environ["ASGI_PPROF_CPU_TICKS"] = ticks
-    else:
-        os.environ.pop("ASGI_PPROF_CPU_TICKS", None)
     return JSONResponse({"without": sorted(_without), "hook": hook})
 
 
