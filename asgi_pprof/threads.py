@@ -45,6 +45,10 @@ _unknown = 0
 _seen_raw: set[int] = set()
 _orig_start: Callable[[threading.Thread], None] | None = None
 
+start_listeners: list[Callable[[], None]] = []
+"""Called after each ``Thread.start()`` once :func:`install` ran (the CPU samplers: they
+look for the new thread at once instead of at their next rescan)."""
+
 
 def _raw_stack(frame: types.FrameType | None) -> tuple[RawFrame, ...]:
     out: list[RawFrame] = []
@@ -61,6 +65,8 @@ def _start(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
     _orig_start(self, *args, **kwargs)  # raises for a second start(): then nothing is counted
     with _lock:
         _sites[site] = _sites.get(site, 0) + 1
+    for listener in start_listeners:
+        listener()
 
 
 def install() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from asgi_pprof import concurrency, frames
+from asgi_pprof import concurrency, frames, threads
 from asgi_pprof.cpu import OWN_LABEL, to_profile
 from asgi_pprof.sampler import get_sampler
 
@@ -544,6 +544,41 @@ def test_switch_interval_is_lowered_unless_threads_contend_for_the_gil() -> None
             if t.is_alive() or t.ident is not None:
                 t.join()
     assert sys.getswitchinterval() == default
+
+
+def test_a_thread_started_mid_capture_is_ticked_from_its_start() -> None:
+    # While no thread read from outside runs, the sampler rescans only every 0.25 s (each
+    # wake-up takes the GIL from a busy loop); Thread.start() wakes it at once, so a
+    # short-lived thread's CPU is not lost. Without that wake-up this thread, gone within
+    # 0.25 s, was never ticked at all.
+    threads.install()  # what create_app does
+    s = get_sampler(100, None)
+    seen: dict[str, int] = {}
+
+    def burn() -> None:
+        seen["ident"] = threading.get_ident()
+        seen["start"] = time.perf_counter_ns()
+        t0 = time.thread_time_ns()
+        workloads.spin_cpu(0.12)
+        seen["cpu"] = time.thread_time_ns() - t0
+
+    cap = s.subscribe(timeline=True)
+    try:
+        time.sleep(0.08)  # the first rescan is over: nothing but this idle thread ran
+        t = threading.Thread(target=burn, name="short-lived")
+        t.start()
+        t.join()
+    finally:
+        s.unsubscribe(cap)
+        s.release_signal()
+    assert cap.timeline is not None
+    ticks = [at for at, ident, _ in cap.timeline if ident == seen["ident"]]
+    assert ticks, "the thread was never ticked"
+    # Its ticker is open within a few ms of its start; the first tick comes 5-15 ms of CPU
+    # later. An idle rescan would have come after the thread was gone.
+    assert (ticks[0] - seen["start"]) / 1e6 < 60, (ticks[0] - seen["start"]) / 1e6
+    got = sum(v[1] for k, v in cap.counts.items() if k[1] == "short-lived")
+    assert got >= 0.4 * seen["cpu"], (got, seen["cpu"])
 
 
 @pytest.mark.parametrize(("alive", "mode"), [(True, "polling"), (False, "timers")])
