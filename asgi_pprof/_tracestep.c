@@ -19,8 +19,12 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
+#include <unistd.h>
 
 /* Record kinds: trace_events.STEP and trace_events.DONE. */
 #define KIND_STEP 0
@@ -71,15 +75,28 @@ typedef struct {
     PyObject *numbers;      /* requests.numbers: an iterator of request numbers */
     PyObject *last_loop;    /* the loop of the last recorded step (strong: never a reused address) */
     PyObject *last_loop_id; /* id(last_loop) */
+    PyObject *records;      /* the recorder's list of records (never rebound during a capture) */
+    PyObject *last_code;    /* the code of the last task_request's coroutine (strong) ... */
+    PyObject *last_at;      /* ... and scope_at[last_code]: most tasks run one coroutine, and
+                             * 3.11 does not cache a code object's hash (~1 500 instructions) */
     Py_ssize_t limit;
     int64_t step_start;
     int64_t step_end;
     int64_t gc_start; /* perf_counter_ns at the running collection's "start" */
+    /* The wall-clock sampler's turn (see capture_wait): `want` is set while it waits for
+     * the GIL, and a loop step about to start hands the GIL over instead of keeping it. */
+    pthread_mutex_t turn_mu;
+    pthread_cond_t turn_cv; /* on CLOCK_MONOTONIC */
+    int turn_ready;         /* turn_mu and turn_cv initialised */
+    int want;               /* atomic: the sampler waits for the GIL */
+    int stopped;            /* under turn_mu: stop_waits() was called */
+    pid_t pid;              /* the process that made them (a forked child never waits) */
 } StepCapture;
 
 #define CAPTURE_OBJECTS(X)                                                                   \
     X(rec) X(seen) X(loop) X(existing) X(requests) X(request_of) X(scopes) X(labels)         \
-        X(by_path) X(scope_at) X(numbers) X(last_loop) X(last_loop_id)
+        X(by_path) X(scope_at) X(numbers) X(last_loop) X(last_loop_id) X(records) X(last_code) \
+            X(last_at)
 
 static int
 capture_traverse(StepCapture *self, visitproc visit, void *arg)
@@ -104,7 +121,125 @@ capture_dealloc(StepCapture *self)
 {
     PyObject_GC_UnTrack(self);
     capture_clear(self);
+    if (self->turn_ready && self->pid == getpid()) {
+        pthread_cond_destroy(&self->turn_cv);
+        pthread_mutex_destroy(&self->turn_mu);
+    }
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+capture_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    StepCapture *self = (StepCapture *)PyType_GenericNew(type, args, kwds);
+    if (self == NULL)
+        return NULL;
+    pthread_condattr_t attr;
+    int err = pthread_condattr_init(&attr);
+    if (err == 0) {
+        err = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+        if (err == 0 && (err = pthread_mutex_init(&self->turn_mu, NULL)) == 0) {
+            err = pthread_cond_init(&self->turn_cv, &attr);
+            if (err != 0)
+                pthread_mutex_destroy(&self->turn_mu);
+        }
+        pthread_condattr_destroy(&attr);
+    }
+    if (err != 0) {
+        Py_DECREF(self);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    self->turn_ready = 1;
+    self->pid = getpid();
+    return (PyObject *)self;
+}
+
+/* An absolute CLOCK_MONOTONIC time `ns` from now. */
+static struct timespec
+deadline_in(int64_t ns)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    int64_t total = (int64_t)t.tv_nsec + ns % 1000000000;
+    t.tv_sec += (time_t)(ns / 1000000000 + total / 1000000000);
+    t.tv_nsec = (long)(total % 1000000000);
+    return t;
+}
+
+/* capture.wait(timeout): the wall-clock sampler's sleep between samples; return True once
+ * stop_waits() was called.
+ *
+ * The GIL is let go for the sleep, and taking it back is where the sampler's cost was:
+ * CPython wakes a thread waiting for the GIL each time its holder lets it go, and a busy
+ * loop lets it go and takes it straight back around every select(): measured, the sampler
+ * thread woke ~400 times per sample (6 500 context switches a second at 16 samples a
+ * second instead of 50, 100 ms of CPU a second), and every futile wake-up was a futex
+ * call on the loop's thread too. So it says it wants the GIL (`want`), and the next loop
+ * step to start hands it over (yield_turn) instead of racing for it. A loop stuck in one
+ * long step never gets there: the GIL then changes hands as before (within the switch
+ * interval, or at once while the step waits without it), one hand-over per sample. */
+static PyObject *
+capture_wait(StepCapture *self, PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!(timeout >= 0.0) || timeout > 3600.0) {
+        PyErr_SetString(PyExc_ValueError, "wait() takes a timeout between 0 and 3600 s");
+        return NULL;
+    }
+    if (self->pid != getpid()) {
+        PyErr_SetString(PyExc_RuntimeError, "a capture made before fork() cannot wait");
+        return NULL;
+    }
+    int stopped;
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec until = deadline_in((int64_t)(timeout * 1e9));
+    pthread_mutex_lock(&self->turn_mu);
+    while (!self->stopped && pthread_cond_timedwait(&self->turn_cv, &self->turn_mu, &until) == 0) {
+    }
+    stopped = self->stopped;
+    if (!stopped)
+        __atomic_store_n(&self->want, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&self->turn_mu);
+    Py_END_ALLOW_THREADS
+    if (!stopped) {
+        pthread_mutex_lock(&self->turn_mu);
+        __atomic_store_n(&self->want, 0, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&self->turn_cv); /* a step handing over may go on */
+        pthread_mutex_unlock(&self->turn_mu);
+    }
+    return PyBool_FromLong(stopped);
+}
+
+static PyObject *
+capture_stop_waits(StepCapture *self, PyObject *unused)
+{
+    if (self->pid == getpid()) {
+        pthread_mutex_lock(&self->turn_mu);
+        self->stopped = 1;
+        pthread_cond_broadcast(&self->turn_cv);
+        pthread_mutex_unlock(&self->turn_mu);
+    }
+    Py_RETURN_NONE;
+}
+
+/* At the start of a loop step while the sampler waits for the GIL: let it go until the
+ * sampler has it (at most 2 ms: it may have taken it already, or be gone). */
+static void
+yield_turn(StepCapture *cap)
+{
+    if (cap->pid != getpid())
+        return;
+    PyThreadState *ts = PyEval_SaveThread();
+    struct timespec until = deadline_in(2000000);
+    pthread_mutex_lock(&cap->turn_mu);
+    while (__atomic_load_n(&cap->want, __ATOMIC_ACQUIRE) && !cap->stopped &&
+           pthread_cond_timedwait(&cap->turn_cv, &cap->turn_mu, &until) == 0) {
+    }
+    pthread_mutex_unlock(&cap->turn_mu);
+    PyEval_RestoreThread(ts);
 }
 
 /* Set *slot to a new reference to requests.<name>, which must be of type tp (NULL: an
@@ -142,6 +277,17 @@ capture_init(StepCapture *self, PyObject *args, PyObject *kwds)
         requests_part(requests, "scope_at", &PyDict_Type, &self->scope_at) < 0 ||
         requests_part(requests, "numbers", NULL, &self->numbers) < 0)
         return -1;
+    PyObject *records = PyObject_GetAttr(rec, s_records);
+    if (records == NULL)
+        return -1;
+    if (!PyList_CheckExact(records)) {
+        PyErr_SetString(PyExc_TypeError, "the recorder's records must be a list");
+        Py_DECREF(records);
+        return -1;
+    }
+    Py_XSETREF(self->records, records);
+    Py_CLEAR(self->last_code);
+    Py_CLEAR(self->last_at);
     Py_XSETREF(self->rec, Py_NewRef(rec));
     Py_XSETREF(self->seen, Py_NewRef(seen));
     Py_XSETREF(self->loop, Py_NewRef(loop));
@@ -173,6 +319,11 @@ static PyMethodDef capture_methods[] = {
     {"task_created", (PyCFunction)(void (*)(void))capture_task_created, METH_FASTCALL,
      "task_created(key, coro, code) -> request number or None: trace_routes.Requests.\n"
      "task_created's twin, for the task factory of loops whose steps are not seen (uvloop)."},
+    {"wait", (PyCFunction)capture_wait, METH_O,
+     "wait(timeout) -> bool: sleep up to timeout s without the GIL, then take it back from\n"
+     "the next loop step rather than racing for it; True once stop_waits() was called."},
+    {"stop_waits", (PyCFunction)capture_stop_waits, METH_NOARGS,
+     "stop_waits(): end every wait() now and from now on."},
     {"finished", (PyCFunction)capture_finished, METH_O,
      "finished(n): label request n, whose task finished (Requests.finished's twin, with\n"
      "the (method, path) cache)."},
@@ -184,7 +335,7 @@ static PyTypeObject StepCaptureType = {
     .tp_basicsize = sizeof(StepCapture),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "One capture's state, read by StepHook on every loop step.",
-    .tp_new = PyType_GenericNew,
+    .tp_new = capture_new,
     .tp_init = (initproc)capture_init,
     .tp_dealloc = (destructor)capture_dealloc,
     .tp_traverse = (traverseproc)capture_traverse,
@@ -426,16 +577,12 @@ append_record(PyObject *records, PyObject *rec)
     return PyList_Append(records, rec);
 }
 
-/* Return a new reference to the recorder's list of records. NULL on error. */
+/* Return a new reference to the recorder's list of records (read once, at init: a getattr
+ * per step cost ~370 instructions). Never NULL. */
 static PyObject *
 get_records(StepCapture *cap)
 {
-    PyObject *records = PyObject_GetAttr(cap->rec, s_records);
-    if (records != NULL && !PyList_Check(records)) {
-        PyErr_SetString(PyExc_TypeError, "the recorder's records must be a list");
-        Py_CLEAR(records);
-    }
-    return records;
+    return Py_NewRef(cap->records);
 }
 
 /* Return a new reference to the code object of a task's coroutine (None for an awaitable
@@ -684,9 +831,17 @@ task_request(StepCapture *cap, PyObject *key, PyObject *coro, PyObject *code)
     PyObject *known = NULL, *scope = NULL, *n = NULL;
     if (code == Py_None)
         goto none;
-    known = PyDict_GetItemWithError(cap->scope_at, code); /* borrowed, then held */
-    if (known == NULL && PyErr_Occurred())
-        return NULL;
+    if (code == cap->last_code)
+        known = cap->last_at; /* borrowed, then held */
+    else {
+        known = PyDict_GetItemWithError(cap->scope_at, code); /* borrowed, then held */
+        if (known == NULL && PyErr_Occurred())
+            return NULL;
+        if (known != NULL) {
+            Py_XSETREF(cap->last_code, Py_NewRef(code));
+            Py_XSETREF(cap->last_at, Py_NewRef(known));
+        }
+    }
     if (known == Py_False)
         goto none; /* this coroutine is not a server's request */
     Py_XINCREF(known);
@@ -705,6 +860,10 @@ task_request(StepCapture *cap, PyObject *key, PyObject *coro, PyObject *code)
         if (w == NULL)
             goto error;
         int err = PyDict_SetItem(cap->scope_at, code, w);
+        if (err == 0) {
+            Py_XSETREF(cap->last_code, Py_NewRef(code));
+            Py_XSETREF(cap->last_at, Py_NewRef(w));
+        }
         Py_DECREF(w);
         if (err < 0)
             goto error;
@@ -991,6 +1150,8 @@ hook_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *
     if (cap == NULL)
         return PyObject_Vectorcall(hook->orig, &handle, 1, NULL);
     Py_INCREF(cap);
+    if (__atomic_load_n(&cap->want, __ATOMIC_RELAXED))
+        yield_turn(cap);
     PyObject *result = NULL, *owner = NULL, *key = NULL;
     PyObject *cb = PyObject_GetAttr(handle, s_callback);
     if (cb == NULL)

@@ -10,6 +10,7 @@ import itertools
 import os
 import sys
 import threading
+import time
 import tracemalloc
 import types
 from collections.abc import Iterator
@@ -670,6 +671,52 @@ def test_native_capture_refuses_bad_requests(new_loop: asyncio.AbstractEventLoop
             _tracestep.StepCapture(*args, requests)
     with pytest.raises(TypeError):
         _tracestep.StepCapture(rec, [], 10, new_loop, set(), rec.requests)
+
+
+@needs_native
+def test_native_capture_wait_times_out_stops_and_refuses_bad_timeouts(
+    new_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """The wall-clock sampler's wait: False after its timeout, True at once once stopped,
+    and it gets the GIL back while the loop runs no step (idle, or in one long step)."""
+    with Recording(new_loop, True) as rec:
+        cap = rec.hook.capture
+        assert cap is not None
+        for bad in (-1.0, float("nan"), 1e9):
+            with pytest.raises(ValueError, match="timeout between"):
+                cap.wait(bad)
+        with pytest.raises(TypeError):
+            cap.wait("0.1")
+        t0 = time.monotonic()
+        assert cap.wait(0.02) is False
+        assert 0.015 < time.monotonic() - t0 < 1.0
+
+        got: list[tuple[bool, float]] = []
+
+        def waits(timeout: float) -> None:
+            t = time.monotonic()
+            got.append((cap.wait(timeout), time.monotonic() - t))
+
+        th = threading.Thread(target=waits, args=(0.01,))
+        th.start()
+        end = time.monotonic() + 0.2
+        while time.monotonic() < end:  # a long "step": the GIL changes hands as before
+            pass
+        th.join(5)
+        assert len(got) == 1, got
+        assert got[0][0] is False, got
+        assert got[0][1] < 0.2, got
+
+        th = threading.Thread(target=waits, args=(30.0,))
+        th.start()
+        time.sleep(0.05)
+        cap.stop_waits()
+        th.join(5)
+        assert not th.is_alive()
+        assert len(got) == 2, got
+        assert got[1][0] is True, got
+        assert got[1][1] < 1.0, got
+        assert cap.wait(10) is True  # stopped for good
 
 
 @needs_native
