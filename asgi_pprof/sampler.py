@@ -48,13 +48,15 @@ _RESCAN_S = 0.05
 """How often the sampler looks for new and finished threads while a thread read from outside
 runs (what the switch interval decision follows)."""
 
-_IDLE_RESCAN_S = 0.25
+_IDLE_RESCAN_S = 1.0
 """How often while none does: the main thread takes its own ticks, so the rescan only looks
-for threads that start or start running, and each wake-up takes the GIL from a busy loop
-(measured side by side on a busy uvicorn loop with only the CPU sampler on: its threads' CPU
-went from 0.5-0.9 to 0.3 us per request). A thread
-started with ``Thread.start()`` once ``create_app`` ran (``threads.install``) wakes the
-sampler at once instead."""
+for threads that start or start running, and each wake-up takes the GIL from a busy loop.
+Taking it is what costs: CPython wakes a thread waiting for the GIL each time the holder lets
+it go, and a busy event loop lets it go and takes it straight back around every select(), so
+one rescan woke this thread ~300 times (measured over a loop of short steps: 1 100-1 760
+context switches and 18-28 ms of CPU a second at 4 rescans a second). A thread started with
+``Thread.start()`` once ``create_app`` ran (``threads.install``) wakes the sampler at once
+instead, and a capture's first reading is followed by one after :data:`_RESCAN_S`."""
 
 
 # --- stacks ------------------------------------------------------------------------------
@@ -517,6 +519,7 @@ class Sampler:
         try:
             last_scan = 0.0
             rescan_s = _RESCAN_S
+            first = True
             while self._captures:
                 now = time.monotonic()
                 if now - last_scan >= rescan_s:
@@ -526,10 +529,10 @@ class Sampler:
                     ours = {
                         t.ident for t in threads if t.ident is not None and is_own_thread(t.name)
                     }
-                    others_run = self._adapt_switch_interval(
-                        now, targets, threading.get_ident(), ours
+                    rescan_s = self._adapt_switch_interval(
+                        now, targets, threading.get_ident(), ours, first
                     )
-                    rescan_s = _RESCAN_S if others_run else _IDLE_RESCAN_S
+                    first = False
                     for ident in [i for i in tickers if targets.get(i) != tickers[i][0]]:
                         gone = tickers.pop(ident)[1]
                         keys.pop(gone.key, None)
@@ -591,10 +594,11 @@ class Sampler:
             self._drain(fd)
 
     def _adapt_switch_interval(
-        self, now: float, targets: dict[int, int], my_ident: int, ours: set[int]
-    ) -> bool:
+        self, now: float, targets: dict[int, int], my_ident: int, ours: set[int], first: bool
+    ) -> float:
         """Lower the switch interval only while it buys accuracy (issue 8, item 14); return
-        whether a thread read from outside ran since the last rescan.
+        the seconds until the next rescan: :data:`_RESCAN_S` while a thread read from outside
+        runs and after the first reading of a capture (``first``), else :data:`_IDLE_RESCAN_S`.
 
         The low interval exists so that a thread whose CPU burst is shorter than the
         interpreter's 5 ms lets us read its frame before the burst ends. It costs nothing
@@ -635,16 +639,19 @@ class Sampler:
                 if share >= _ACTIVE_SHARE and ident != main and ident not in ours:
                     active = True
         self._cpu_seen, self._cpu_at = seen, now
-        if elapsed > 2 * _IDLE_RESCAN_S:
-            return active  # shares since a reading long ago (the previous capture) say nothing now
+        if first or elapsed > 2 * _IDLE_RESCAN_S:
+            return (
+                _RESCAN_S  # shares since a reading long ago (the previous capture) say nothing now
+            )
+        rescan_s = _RESCAN_S if active else _IDLE_RESCAN_S
         with self._lock:
             if self.switch_interval is None or not self._captures:
-                return active
+                return rescan_s
             want_low = active and (busy <= 1 or total < _CONTENDED_SHARE)
             if want_low != self._holding_switch:
                 self._holding_switch = want_low
                 _switch.want(id(self), self.switch_interval if want_low else None)
-        return active
+        return rescan_s
 
     def _arm_main(self, tid: int) -> bool:
         """Arm the main thread's ticker if it is wanted; return False if that failed."""
