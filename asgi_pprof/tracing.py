@@ -326,20 +326,29 @@ class _Recorder:
         current: dict[int, list[Any]] = {}
         skip: set[int] = set()
         refresh_at = 0
-        capture = self.hook.capture if self.hook is not None else None
-        # One wake-up per sample: every wake-up takes the GIL from the threads that run,
-        # which costs more than the sample itself. With the C hook, its capture's wait:
-        # the GIL is then handed over by the next loop step rather than raced for
-        # (StepCapture.wait: ~400 futile wake-ups per sample without it). Else a lock
-        # released at the stop, so the wait sees it at once; one C call, about half the
-        # CPU of an Event.wait (a Condition's waiter lock, made and dropped in Python).
-        stopped: Callable[[float], bool] = capture.wait if capture is not None else self._stop_wait
+        stopped = self._sample_wait()
         while not stopped(fast if self._stalled(fast_ns) else slow):
             now = _now()
             if now >= refresh_at:
                 skip = self._refresh_threads() | {me}
                 refresh_at = now + 100_000_000
             self._sample_once(current, skip)
+
+    def _sample_wait(self) -> Callable[[float], bool]:
+        """Return the wait between two samples: ``wait(timeout)`` is True once stopped.
+
+        One wake-up per sample: every wake-up takes the GIL from the threads that run,
+        which costs more than the sample itself. With the C hook, its capture's wait: the
+        GIL is then handed over by the next loop step rather than raced for
+        (StepCapture.wait: ~400 futile wake-ups per sample without it). Else a lock
+        released at the stop, so the wait sees it at once; one C call, about half the CPU
+        of an Event.wait (a Condition's waiter lock, made and dropped in Python).
+        """
+        capture = self.hook.capture if self.hook is not None else None
+        if capture is not None:
+            wait: Callable[[float], bool] = capture.wait
+            return wait
+        return self._stop_wait
 
     def _stop_wait(self, timeout: float) -> bool:
         return self._stopped.acquire(timeout=timeout)

@@ -42,9 +42,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from asgi_pprof import trace_hook, tracing
+from asgi_pprof import sampler, trace_hook, tracing
 from asgi_pprof.concurrency import SleepWindow
 from asgi_pprof.options import Options
+from asgi_pprof.sampler import get_sampler
 from bench.common import (
     LagMonitor,
     RefServer,
@@ -435,25 +436,54 @@ def cycle_cost(n: int = 20_000) -> None:
         )
 
 
-def sampler_cost(rounds: int = 5, seconds: float = 2.0) -> None:
+def sampler_cost(rounds: int = 6, seconds: float = 2.0) -> None:
     print(
-        "== in-process: the samplers' own threads while a trace runs over a busy loop "
-        f"(thread CPU clocks, {rounds} captures of {seconds:g} s): their cost is per second, "
-        "so per request it is this share of a loop kept busy by requests"
+        "== in-process: the samplers' own threads over a busy loop of short steps (thread CPU "
+        f"clocks and voluntary context switches, {rounds} captures of {seconds:g} s per variant, "
+        "alternated): their cost is per second, so per request it is this share of a loop kept "
+        "busy by requests. 'racing': the trace's wall-clock sampler waiting on a plain lock "
+        "(the Python hook's wait), the GIL raced for instead of handed over by the next step"
     )
 
-    def cpu_by_name() -> dict[str, float]:
+    def by_name() -> dict[str, tuple[float, int]]:
         out = {}
         for th in threading.enumerate():
-            if th.native_id is None:
+            if th.native_id is None or not th.name.startswith("asgi_pprof-"):
                 continue
             try:
-                out[th.name] = time.clock_gettime(((~th.native_id) << 3) | 4 | 2)
-            except OSError:
+                cpu = time.clock_gettime(((~th.native_id) << 3) | 4 | 2)
+                with open(f"/proc/self/task/{th.native_id}/status") as f:
+                    switches = next(
+                        int(x.split()[1]) for x in f if x.startswith("voluntary_ctxt_switches")
+                    )
+            except (OSError, StopIteration):
                 continue
+            out[th.name] = (cpu, switches)
         return out
 
-    async def main() -> dict[str, list[float]]:
+    real_wait = tracing._Recorder._sample_wait
+
+    def racing(self: tracing._Recorder) -> Any:
+        return self._stop_wait
+
+    async def profile(seconds: float) -> None:
+        s = get_sampler(Options().sample_hz, Options().switch_interval)
+        cap = s.subscribe()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            s.unsubscribe(cap)
+            s.release_signal()
+
+    variants: dict[str, Any] = {
+        "trace": lambda: tracing.capture(seconds + 0.5, SleepWindow(), Options()),
+        "trace, racing": lambda: tracing.capture(seconds + 0.5, SleepWindow(), Options()),
+        "CPU profile": lambda: profile(seconds + 0.5),
+        "CPU profile, rescans every 250 ms": lambda: profile(seconds + 0.5),
+    }
+    idle_rescan = sampler._IDLE_RESCAN_S
+
+    async def main() -> dict[str, dict[str, list[tuple[float, float]]]]:
         stop = False
 
         async def busy() -> None:
@@ -461,33 +491,53 @@ def sampler_cost(rounds: int = 5, seconds: float = 2.0) -> None:
                 sum(range(3000))
                 await asyncio.sleep(0)
 
-        res: dict[str, list[float]] = {}
-        total: list[float] = []  # per round: a thread seen in one round only counts there
+        res: dict[str, dict[str, list[tuple[float, float]]]] = {v: {} for v in variants}
         load = asyncio.ensure_future(busy())
-        for _ in range(rounds):
-            cap = asyncio.ensure_future(tracing.capture(seconds + 0.5, SleepWindow(), Options()))
-            await asyncio.sleep(0.25)
-            a, t0 = cpu_by_name(), time.monotonic()
-            await asyncio.sleep(seconds)
-            b, t1 = cpu_by_name(), time.monotonic()
-            total.append(0.0)
-            for name, v in b.items():
-                if name.startswith("asgi_pprof-") and name in a:
-                    ms = (v - a[name]) / (t1 - t0) * 1e3
-                    res.setdefault(name, []).append(ms)
-                    total[-1] += ms
-            await cap
+        for i in range(rounds):
+            for name in list(variants) if i % 2 == 0 else list(reversed(variants)):
+                wait = racing if "racing" in name else real_wait
+                tracing._Recorder._sample_wait = wait  # type: ignore[method-assign]
+                sampler._IDLE_RESCAN_S = 0.25 if "250 ms" in name else idle_rescan
+                try:
+                    cap = asyncio.ensure_future(variants[name]())
+                    await asyncio.sleep(0.25)
+                    a, t0 = by_name(), time.monotonic()
+                    await asyncio.sleep(seconds)
+                    b, t1 = by_name(), time.monotonic()
+                    await cap
+                finally:
+                    tracing._Recorder._sample_wait = real_wait  # type: ignore[method-assign]
+                    sampler._IDLE_RESCAN_S = idle_rescan
+                total = (0.0, 0.0)  # per round: a thread seen in one round only counts there
+                for th, (cpu, sw) in b.items():
+                    if th in a:
+                        got = ((cpu - a[th][0]) / (t1 - t0) * 1e3, (sw - a[th][1]) / (t1 - t0))
+                        res[name].setdefault(th, []).append(got)
+                        total = (total[0] + got[0], total[1] + got[1])
+                res[name].setdefault("all of them", []).append(total)
         stop = True
         await load
-        res["all of them"] = total
         return res
 
     res = asyncio.run(main())
-    for name, xs in res.items():
-        print(
-            f"  {name:22s} {med(xs)} ms of CPU per second "
-            f"({statistics.median(xs) / 10:.2f} % of a core)"
-        )
+    for name, threads in res.items():
+        print(f"  {name}")
+        for th, xs in threads.items():
+            ms = [x[0] for x in xs]
+            sw = [x[1] for x in xs]
+            print(
+                f"    {th:20s} {med(ms)} ms of CPU per second "
+                f"({statistics.median(ms) / 10:.2f} % of a core), {med(sw)} switches per second"
+            )
+    base = statistics.median(x[0] for x in res["trace, racing"]["all of them"])
+    now = statistics.median(x[0] for x in res["trace"]["all of them"])
+    print(f"  the trace's samplers, handed the GIL / racing for it: x{now / max(base, 1e-9):.2f}")
+    base = statistics.median(x[0] for x in res["CPU profile, rescans every 250 ms"]["all of them"])
+    now = statistics.median(x[0] for x in res["CPU profile"]["all of them"])
+    print(
+        f"  the CPU profile's sampler, idle rescans every {idle_rescan:g} s / every 250 ms: "
+        f"x{now / max(base, 1e-9):.2f}"
+    )
 
 
 async def _steps(n: int) -> float:
