@@ -4,8 +4,9 @@
  * A StepHook replaces asyncio.Handle._run (a class attribute) for the capture. For each
  * step it calls the original Handle._run (so a callback's exception reaches asyncio's
  * call_exception_handler exactly as before, and SystemExit/KeyboardInterrupt propagate),
- * times it with the clock of time.perf_counter_ns(), and appends the same raw record the
- * Python hook appends to the recorder's bounded list. What is rare (a task's first step,
+ * times it with the clock of time.perf_counter_ns(), and records what the Python hook
+ * appends to the recorder's bounded list: held in C (HeldRecord), made the same tuples
+ * only when the trace is written (take_records). What is rare (a task's first step,
  * a loop not seen yet, a request's label, a callback that is not a function, a method or
  * a cached builtin, the bound) calls back into the recorder's Python methods.
  *
@@ -23,6 +24,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -60,6 +62,22 @@ now_ns(void)
 
 /* --- a capture --------------------------------------------------------------------------- */
 
+/* A loop step or a task's end, held in C until the trace is written: trace_events' STEP
+ * record (key == NULL) or DONE record, made a tuple only by take_records (in the writer's
+ * thread). A tuple and two ints per step made on the loop cost it ~2.5 % of a request's
+ * CPU, far beyond their instructions (allocation, and the cache lines they take). */
+typedef struct {
+    int64_t t0;          /* STEP: when it started */
+    int64_t t1;          /* STEP: when it ended; DONE: when the task finished */
+    PyObject *loop_id;   /* id(loop), the capture's cached int */
+    PyObject *what;      /* STEP: a code object or a name; DONE: the coroutine's code */
+    PyObject *name;      /* the task's name, NULL for a callback (None) */
+    PyObject *req;       /* the request number, NULL for none (None) */
+    PyObject *key;       /* DONE: id(task); NULL: a STEP */
+    PyObject *state;     /* DONE: "result", "exception" or "cancelled" */
+    unsigned long ident; /* DONE: the thread's ident */
+} HeldRecord;
+
 typedef struct {
     PyObject_HEAD
     PyObject *rec;          /* the Python recorder (tracing._Recorder) */
@@ -79,7 +97,10 @@ typedef struct {
     PyObject *last_code;    /* the code of the last task_request's coroutine (strong) ... */
     PyObject *last_at;      /* ... and scope_at[last_code]: most tasks run one coroutine, and
                              * 3.11 does not cache a code object's hash (~1 500 instructions) */
-    Py_ssize_t limit;
+    HeldRecord *held;       /* the steps and task ends recorded in C, in order */
+    Py_ssize_t n_held;
+    Py_ssize_t held_room;
+    Py_ssize_t limit;       /* of records in all: the list's and the held ones */
     int64_t step_start;
     int64_t step_end;
     int64_t gc_start; /* perf_counter_ns at the running collection's "start" */
@@ -116,11 +137,76 @@ capture_clear(StepCapture *self)
     return 0;
 }
 
+/* Release records detached from a capture (their items are ints, strings and code
+ * objects: no finaliser runs), and their memory. */
+static void untrack_atomic(PyObject *rec);
+
+static void
+free_records(HeldRecord *held, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        HeldRecord *r = &held[i];
+        Py_XDECREF(r->loop_id);
+        Py_XDECREF(r->what);
+        Py_XDECREF(r->name);
+        Py_XDECREF(r->req);
+        Py_XDECREF(r->key);
+        Py_XDECREF(r->state);
+    }
+    PyMem_Free(held);
+}
+
+/* Detach the held records: return them (*n of them), and hold none from now on. */
+static HeldRecord *
+detach_held(StepCapture *self, Py_ssize_t *n)
+{
+    HeldRecord *held = self->held;
+    *n = self->n_held;
+    self->held = NULL;
+    self->n_held = self->held_room = 0;
+    return held;
+}
+
+static void
+drop_held(StepCapture *self)
+{
+    Py_ssize_t n;
+    HeldRecord *held = detach_held(self, &n);
+    free_records(held, n);
+}
+
+/* Return a zeroed slot at the end of the held records, NULL (MemoryError set) if none. */
+static HeldRecord *
+hold(StepCapture *self)
+{
+    if (self->n_held == self->held_room) {
+        Py_ssize_t room = self->held_room ? self->held_room * 2 : 4096;
+        HeldRecord *held = PyMem_Resize(self->held, HeldRecord, (size_t)room);
+        if (held == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        self->held = held;
+        self->held_room = room;
+    }
+    HeldRecord *r = &self->held[self->n_held++];
+    memset(r, 0, sizeof *r);
+    return r;
+}
+
+/* Return how many records the capture holds, the list's and the held ones. */
+static inline Py_ssize_t
+n_records(StepCapture *self, PyObject *records)
+{
+    return PyList_GET_SIZE(records) + self->n_held;
+}
+
 static void
 capture_dealloc(StepCapture *self)
 {
     PyObject_GC_UnTrack(self);
     capture_clear(self);
+    drop_held(self);
     if (self->turn_ready && self->pid == getpid()) {
         pthread_cond_destroy(&self->turn_cv);
         pthread_mutex_destroy(&self->turn_mu);
@@ -306,6 +392,63 @@ capture_step_times(StepCapture *self, PyObject *unused)
     return Py_BuildValue("(LL)", (long long)self->step_start, (long long)self->step_end);
 }
 
+static PyObject *
+capture_held(StepCapture *self, PyObject *unused)
+{
+    return PyLong_FromSsize_t(self->n_held);
+}
+
+/* Detached first: making the tuples may run a collection, and so other threads' code (a
+ * loop step ending meanwhile holds its records anew, for a later take). */
+static PyObject *
+capture_take_records(StepCapture *self, PyObject *unused)
+{
+    Py_ssize_t n;
+    HeldRecord *held = detach_held(self, &n);
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        HeldRecord *r = &held[i];
+        PyObject *rec, *name = r->name ? r->name : Py_None, *req = r->req ? r->req : Py_None;
+        PyObject *t1 = PyLong_FromLongLong(r->t1);
+        if (t1 == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        if (r->key == NULL) {
+            PyObject *t0 = PyLong_FromLongLong(r->t0);
+            rec = t0 == NULL ? NULL
+                             : PyTuple_Pack(7, k_step, r->loop_id, t0, t1, r->what, name, req);
+            Py_XDECREF(t0);
+        }
+        else {
+            PyObject *ident = PyLong_FromUnsignedLong(r->ident);
+            rec = ident == NULL ? NULL
+                                : PyTuple_Pack(9, k_done, ident, t1, r->loop_id, name, r->what,
+                                               r->key, req, r->state);
+            Py_XDECREF(ident);
+        }
+        Py_DECREF(t1);
+        if (rec == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        untrack_atomic(rec);
+        PyList_SET_ITEM(out, i, rec);
+    }
+done:
+    free_records(held, n);
+    return out;
+}
+
+static PyObject *
+capture_drop_records(StepCapture *self, PyObject *unused)
+{
+    drop_held(self);
+    Py_RETURN_NONE;
+}
+
 static PyObject *capture_on_gc(StepCapture *self, PyObject *const *args, Py_ssize_t nargs);
 static PyObject *capture_task_created(StepCapture *self, PyObject *const *args, Py_ssize_t nargs);
 static PyObject *capture_finished(StepCapture *self, PyObject *n);
@@ -313,6 +456,12 @@ static PyObject *capture_finished(StepCapture *self, PyObject *n);
 static PyMethodDef capture_methods[] = {
     {"step_times", (PyCFunction)capture_step_times, METH_NOARGS,
      "Return (start, end) in perf_counter_ns of the running or last loop step."},
+    {"held", (PyCFunction)capture_held, METH_NOARGS,
+     "Return how many step and done records are held in C (not in the records list)."},
+    {"take_records", (PyCFunction)capture_take_records, METH_NOARGS,
+     "Return the held records as STEP and DONE tuples, in order, and hold none."},
+    {"drop_records", (PyCFunction)capture_drop_records, METH_NOARGS,
+     "Drop the held records; None."},
     {"on_gc", (PyCFunction)(void (*)(void))capture_on_gc, METH_FASTCALL,
      "on_gc(phase, info): a gc.callbacks entry recording each collection (tracing._Recorder.\n"
      "on_gc's twin: under load young collections run thousands of times a second)."},
@@ -555,25 +704,27 @@ call_for_effect(PyObject *obj, PyObject *name, PyObject *arg)
     return r == NULL ? -1 : 0;
 }
 
-/* Append rec (a new tuple) to records, out of the collector's sight when no item of it is a
- * tracked container: such a tuple can be in no cycle, and a capture keeps up to
- * trace_max_events of them. Tracked, each would be scanned by every young collection until
- * promoted, and would then grow the old generation until full collections ran (issue 8,
- * item 13). CPython untracks such tuples itself, but only once a collection has scanned
- * them. 0, or -1 with an error set. */
+/* Take rec (a new tuple) out of the collector's sight when no item of it is a tracked
+ * container: such a tuple can be in no cycle, and a capture keeps up to trace_max_events
+ * of them. Tracked, each would be scanned by every young collection until promoted, and
+ * would then grow the old generation until full collections ran (issue 8, item 13).
+ * CPython untracks such tuples itself, but only once a collection has scanned them. */
+static void
+untrack_atomic(PyObject *rec)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(rec); i++) {
+        PyObject *item = PyTuple_GET_ITEM(rec, i);
+        if (PyObject_IS_GC(item) && PyObject_GC_IsTracked(item))
+            return;
+    }
+    PyObject_GC_UnTrack(rec);
+}
+
+/* Append rec (a new tuple) to records. 0, or -1 with an error set. */
 static int
 append_record(PyObject *records, PyObject *rec)
 {
-    int atomic = 1;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(rec); i++) {
-        PyObject *item = PyTuple_GET_ITEM(rec, i);
-        if (PyObject_IS_GC(item) && PyObject_GC_IsTracked(item)) {
-            atomic = 0;
-            break;
-        }
-    }
-    if (atomic)
-        PyObject_GC_UnTrack(rec);
+    untrack_atomic(rec);
     return PyList_Append(records, rec);
 }
 
@@ -634,7 +785,7 @@ capture_on_gc(StepCapture *self, PyObject *const *args, Py_ssize_t nargs)
     t1 = PyLong_FromLongLong(t);
     if (records == NULL || t1 == NULL)
         goto done;
-    if (PyList_GET_SIZE(records) >= self->limit) {
+    if (n_records(self, records) >= self->limit) {
         if (call_for_effect(self->rec, s_full, t1) < 0) /* counts it as dropped */
             goto done;
         result = Py_NewRef(Py_None);
@@ -933,7 +1084,7 @@ first_step(StepHook *hook, StepCapture *cap, PyObject *task, PyObject *key)
     records = get_records(cap);
     if (t == NULL || records == NULL)
         goto done;
-    if (PyList_GET_SIZE(records) < cap->limit) {
+    if (n_records(cap, records) < cap->limit) {
         name = PyObject_CallMethodNoArgs(task, s_get_name);
         ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
         loop_id = PyLong_FromVoidPtr(loop);
@@ -1016,18 +1167,18 @@ capture_finished(StepCapture *self, PyObject *n)
     Py_RETURN_NONE;
 }
 
-/* Append the records of one step that ran from t0 to t1. 0, or -1 with an error set. */
+/* Hold the records of one step that ran from t0 to t1. 0, or -1 with an error set. */
 static int
 record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, PyObject *task,
             PyObject *owner, PyObject *key, int64_t t0, int64_t t1)
 {
     int ret = -1;
-    PyObject *records = NULL, *loop = NULL, *loop_id = NULL, *name = NULL, *coro = NULL,
-             *code = NULL, *rec = NULL, *what = NULL, *start = NULL, *end = NULL;
+    PyObject *records = NULL, *loop = NULL, *name = NULL, *coro = NULL, *code = NULL,
+             *what = NULL, *start = NULL;
     records = get_records(cap);
     if (records == NULL)
         goto done;
-    if (PyList_GET_SIZE(records) >= cap->limit) {
+    if (n_records(cap, records) >= cap->limit) {
         /* Counted as dropped; nothing else is done for this step (see the Python hook). */
         start = PyLong_FromLongLong(t0);
         if (start == NULL)
@@ -1049,11 +1200,6 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
         Py_XSETREF(cap->last_loop_id, new_id);
         Py_XSETREF(cap->last_loop, Py_NewRef(loop));
     }
-    loop_id = Py_NewRef(cap->last_loop_id);
-    start = PyLong_FromLongLong(t0);
-    end = PyLong_FromLongLong(t1);
-    if (loop_id == NULL || start == NULL || end == NULL)
-        goto done;
     if (task != NULL) {
         /* Named after the task's coroutine (and the request it serves). */
         name = PyObject_CallMethodNoArgs(task, s_get_name);
@@ -1063,15 +1209,8 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
         if (coro == NULL || (code = coro_code(hook, coro)) == NULL)
             goto done;
         PyObject *req = PyDict_GetItemWithError(cap->request_of, key); /* borrowed */
-        if (req == NULL) {
-            if (PyErr_Occurred())
-                goto done;
-            req = Py_None;
-        }
-        rec = PyTuple_Pack(7, k_step, loop_id, start, end, code, name, req);
-        if (rec == NULL || append_record(records, rec) < 0)
+        if (req == NULL && PyErr_Occurred())
             goto done;
-        Py_CLEAR(rec);
         PyObject *r = PyObject_CallMethodNoArgs(task, s_done);
         if (r == NULL)
             goto done;
@@ -1079,10 +1218,10 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
         Py_DECREF(r);
         if (finished < 0)
             goto done;
+        PyObject *state = NULL;
         if (finished) {
             /* The step that finished it (one record past the limit at most). Not
              * task.exception(): that would mark the exception retrieved. */
-            PyObject *state;
             r = PyObject_CallMethodNoArgs(task, s_cancelled);
             if (r == NULL)
                 goto done;
@@ -1099,16 +1238,32 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
                 state = (exc == NULL || exc == Py_None) ? s_result_state : s_exception_state;
                 Py_XDECREF(exc);
             }
-            PyObject *ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-            if (ident == NULL)
+        }
+        /* Every call that can run Python code is behind us: the slots are filled at once. */
+        HeldRecord *step = hold(cap);
+        if (step == NULL)
+            goto done;
+        step->t0 = t0;
+        step->t1 = t1;
+        step->loop_id = Py_NewRef(cap->last_loop_id);
+        step->what = Py_NewRef(code);
+        step->name = Py_NewRef(name);
+        step->req = Py_XNewRef(req);
+        if (finished) {
+            HeldRecord *end = hold(cap);
+            if (end == NULL)
                 goto done;
-            rec = PyTuple_Pack(9, k_done, ident, end, loop_id, name, code, key, req, state);
-            Py_DECREF(ident);
-            if (rec == NULL || append_record(records, rec) < 0)
-                goto done;
+            end->t1 = t1;
+            end->loop_id = Py_NewRef(cap->last_loop_id);
+            end->what = Py_NewRef(code);
+            end->name = Py_NewRef(name);
+            end->req = Py_XNewRef(req);
+            end->key = Py_NewRef(key);
+            end->state = Py_NewRef(state);
+            end->ident = PyThread_get_thread_ident();
             if (PySet_Discard(cap->seen, key) < 0) /* the id may be reused by a new task */
                 goto done;
-            if (req != Py_None && label_request(cap, req) < 0)
+            if (req != NULL && label_request(cap, req) < 0)
                 goto done;
         }
     }
@@ -1117,22 +1272,23 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
         what = callback_what(hook, cb, owner);
         if (what == NULL)
             goto done;
-        rec = PyTuple_Pack(7, k_step, loop_id, start, end, what, Py_None, Py_None);
-        if (rec == NULL || append_record(records, rec) < 0)
+        HeldRecord *step = hold(cap);
+        if (step == NULL)
             goto done;
+        step->t0 = t0;
+        step->t1 = t1;
+        step->loop_id = Py_NewRef(cap->last_loop_id);
+        step->what = Py_NewRef(what);
     }
     ret = 0;
 done:
     Py_XDECREF(records);
     Py_XDECREF(loop);
-    Py_XDECREF(loop_id);
     Py_XDECREF(name);
     Py_XDECREF(coro);
     Py_XDECREF(code);
-    Py_XDECREF(rec);
     Py_XDECREF(what);
     Py_XDECREF(start);
-    Py_XDECREF(end);
     return ret;
 }
 

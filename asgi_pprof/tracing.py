@@ -129,7 +129,8 @@ def _task_state(task: asyncio.Future[Any]) -> str:
 
 
 class _Recorder:
-    """Collects one capture's raw records; every hook appends to the one bounded list."""
+    """Collects one capture's raw records, bounded in all: :attr:`records`, and the C step
+    hook's steps and task ends, held in C until the trace is written (:meth:`all_records`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, options: Options) -> None:
         self.loop = loop
@@ -186,9 +187,23 @@ class _Recorder:
 
     # --- the bound --------------------------------------------------------------------
 
+    def count(self) -> int:
+        """Return how many records the capture holds: the list's, and the C hook's steps
+        and task ends it holds in C until the trace is written (see :meth:`all_records`)."""
+        capture = self.hook.capture if self.hook is not None else None
+        return len(self.records) + (capture.held() if capture is not None else 0)
+
+    def all_records(self) -> list[Any]:
+        """Return every record: :attr:`records`, with the C hook's held ones moved into it
+        (made into tuples here, by the trace's writer, not on the loop)."""
+        capture = self.hook.capture if self.hook is not None else None
+        if capture is not None:
+            self.records.extend(capture.take_records())
+        return self.records
+
     def full(self, t: int) -> bool:
         """Return True (and count a dropped record) once the capture holds ``limit`` records."""
-        if len(self.records) < self.limit:
+        if self.count() < self.limit:
             return False
         if self.truncated_ns is None:
             self.truncated_ns = t
@@ -274,7 +289,7 @@ class _Recorder:
         if task.get_loop() is not self.loop:
             return  # creation is tracked on the loop that serves the trace request
         t = _now()
-        if len(self.records) < self.limit:
+        if self.count() < self.limit:
             name = task.get_name()
             self.records.append((NEW, _get_ident(), t, id(self.loop), name, code, key, req))
         else:
@@ -498,6 +513,8 @@ class _Recorder:
 
     def discard(self) -> None:
         """Drop everything recorded (the client left: nothing will be written)."""
+        if self.hook is not None and self.hook.capture is not None:
+            self.hook.capture.drop_records()
         self.records = []
         self.loops = {}
         self.requests = Requests()
@@ -537,7 +554,7 @@ class _Recorder:
             wall_start=self.wall_start,
             sample_hz=self.hz,
             max_events=self.limit,
-            records=self.records,
+            records=self.all_records(),
             step_code=self.step_code,
             skip_codes=self.skip_codes,
             threads=dict(self.threads),

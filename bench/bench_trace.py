@@ -640,7 +640,7 @@ def _hooks_only_cycles(mode: str, n: int) -> None:
         rec.install()
         await _cycles(loop, n)
         rec.uninstall()
-        assert len(rec.records) >= 4 * n
+        assert len(rec.all_records()) >= 4 * n
 
     asyncio.run(main())
 

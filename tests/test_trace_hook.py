@@ -106,7 +106,9 @@ async def hook_test_main(out: list[str]) -> None:
 
 
 def normalized(records: list[Any]) -> list[tuple[Any, ...]]:
-    """Return the step, new and done records without what differs run to run (times, ids)."""
+    """Return the step, new and done records without what differs run to run (times, ids),
+    kind by kind, each kind in its order (the C hook holds its steps and task ends apart
+    from the other records until the trace is written)."""
     out: list[tuple[Any, ...]] = []
     for r in records:
         if r[0] == STEP:
@@ -117,7 +119,7 @@ def normalized(records: list[Any]) -> list[tuple[Any, ...]]:
             out.append((DONE, r[4], r[5], r[8]))
         elif r[0] == NEW:
             out.append((NEW, r[4], r[5]))
-    return out
+    return sorted(out, key=lambda r: int(r[0]))
 
 
 def record_workload(
@@ -130,8 +132,8 @@ def record_workload(
         with Recording(loop, native) as rec:
             loop.run_until_complete(main)
         if raw is not None:
-            raw.extend(rec.records)
-        return normalized(rec.records), out
+            raw.extend(rec.all_records())
+        return normalized(rec.all_records()), out
     finally:
         loop.close()
 
@@ -172,7 +174,7 @@ def test_steps_are_recorded_with_their_loop_and_times(
     with Recording(new_loop, native) as rec:
         new_loop.run_until_complete(hook_test_child(5))
         t0, t1 = rec.hook.step_times()
-    steps = [r for r in rec.records if r[0] == STEP]
+    steps = [r for r in rec.all_records() if r[0] == STEP]
     assert len(steps) >= 6
     assert {r[1] for r in steps} == {id(new_loop)}
     assert rec.loops[id(new_loop)] == (new_loop, threading.get_ident())
@@ -185,7 +187,7 @@ def test_a_bounded_capture_counts_what_it_drops(
 ) -> None:
     with Recording(new_loop, native, trace_max_events=1000) as rec:
         new_loop.run_until_complete(hook_test_child(3000))
-    assert 1000 <= len(rec.records) <= 1001  # the step that ends a task adds its DONE
+    assert 1000 <= len(rec.all_records()) <= 1001  # the step that ends a task adds its DONE
     assert rec.dropped >= 1900
     assert rec.truncated_ns is not None
 
@@ -212,7 +214,7 @@ def handled(hook: str, loop: asyncio.AbstractEventLoop) -> tuple[list[dict[str, 
         return seen, []
     with Recording(loop, hook == "native") as rec:
         loop.run_until_complete(main())
-    return seen, rec.records
+    return seen, rec.all_records()
 
 
 def test_an_exception_in_a_callback_is_handled_as_without_the_hook(
@@ -242,7 +244,9 @@ def test_keyboard_interrupt_and_system_exit_propagate(
         new_loop.call_soon(stop)
         with pytest.raises(exc, match="from a callback"):
             new_loop.run_forever()
-    assert stop.__code__ in {r[4] for r in rec.records if r[0] == STEP}  # recorded all the same
+    assert stop.__code__ in {
+        r[4] for r in rec.all_records() if r[0] == STEP
+    }  # recorded all the same
     # The loop still works afterwards, hook or not.
     assert new_loop.run_until_complete(hook_test_child(2)) == 2
 
@@ -260,7 +264,7 @@ def test_a_step_inside_a_step_is_recorded_inside_it(
     with Recording(new_loop, native) as rec:
         new_loop.call_soon(outer)
         new_loop.run_until_complete(asyncio.sleep(0))
-    steps = {r[4]: r for r in rec.records if r[0] == STEP}
+    steps = {r[4]: r for r in rec.all_records() if r[0] == STEP}
     o, i = steps[outer.__code__], steps[inner.__code__]
     assert o[2] <= i[2] <= i[3] <= o[3]
 
@@ -279,7 +283,7 @@ def test_loops_in_several_threads(native: bool) -> None:
             for th in threads:
                 th.join()
         by_loop: dict[int, int] = {}
-        for r in rec.records:
+        for r in rec.all_records():
             if r[0] == STEP:
                 by_loop[r[1]] = by_loop.get(r[1], 0) + 1
         assert all(by_loop.get(id(lp), 0) >= 201 for lp in loops), by_loop
@@ -294,7 +298,7 @@ def test_the_step_that_ends_the_capture_is_still_recorded(
 ) -> None:
     """A trace's own request ends the capture from inside a step (its task's)."""
     rec = tracing._Recorder(new_loop, Options())
-    hook = trace_hook.install(rec, native)
+    hook = rec.hook = trace_hook.install(rec, native)
     ended: list[bool] = []
 
     def ends_the_capture() -> None:
@@ -307,7 +311,7 @@ def test_the_step_that_ends_the_capture_is_still_recorded(
     new_loop.call_soon(after)
     new_loop.run_until_complete(asyncio.sleep(0))
     assert ended == [True]
-    whats = [r[4] for r in rec.records if r[0] == STEP]
+    whats = [r[4] for r in rec.all_records() if r[0] == STEP]
     assert ends_the_capture.__code__ in whats
     assert after.__code__ not in whats
     assert asyncio.Handle.__dict__["_run"] is trace_hook._original_run
@@ -318,7 +322,7 @@ def test_hook_replaced_during_the_capture_keeps_theirs(
 ) -> None:
     original = asyncio.Handle.__dict__["_run"]
     rec = tracing._Recorder(new_loop, Options())
-    hook = trace_hook.install(rec, native)
+    hook = rec.hook = trace_hook.install(rec, native)
     ours = asyncio.Handle.__dict__["_run"]
     calls: list[int] = []
 
@@ -330,10 +334,10 @@ def test_hook_replaced_during_the_capture_keeps_theirs(
     try:
         assert hook.uninstall() is False
         assert asyncio.Handle.__dict__["_run"] is theirs
-        n = len(rec.records)
+        n = rec.count()
         new_loop.run_until_complete(hook_test_child(3))
         assert calls
-        assert len(rec.records) == n  # ours passes steps through, recording nothing
+        assert rec.count() == n  # ours passes steps through, recording nothing
     finally:
         asyncio.Handle._run = original  # type: ignore[method-assign]
 
@@ -341,6 +345,43 @@ def test_hook_replaced_during_the_capture_keeps_theirs(
 # --- the C hook itself ------------------------------------------------------------------------
 
 needs_native = pytest.mark.skipif(not trace_hook.available(), reason="no C hook")
+
+
+@needs_native
+def test_native_hook_holds_its_records_in_c_until_taken(
+    new_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """No tuple per step on the loop: the C hook's steps and task ends stay in C (counted
+    against the limit) until the writer takes them; dropped, they keep nothing alive."""
+    code = hook_test_child.__code__
+    with Recording(new_loop, True) as rec:
+        new_loop.run_until_complete(new_loop.create_task(hook_test_child(50), name="held"))
+    capture = rec.hook.capture if rec.hook is not None else None
+    assert capture is not None
+    assert not [r for r in rec.records if r[0] in (STEP, DONE)]
+    held = capture.held()
+    assert held >= 52  # 51 steps and the task's end
+    assert rec.count() == len(rec.records) + held
+    refs = sys.getrefcount(code)
+    rec.discard()
+    assert capture.held() == 0
+    assert sys.getrefcount(code) == refs - 52  # each step and the end held the code once
+
+    with Recording(new_loop, True) as rec:
+        new_loop.run_until_complete(new_loop.create_task(hook_test_child(3), name="taken"))
+    refs = sys.getrefcount(code)
+    records = rec.all_records()
+    assert sys.getrefcount(code) == refs  # moved into the tuples: none lost, none added
+    assert rec.hook is not None
+    assert rec.hook.capture.held() == 0
+    steps = [r for r in records if r[0] == STEP and r[5] == "taken"]
+    (done,) = [r for r in records if r[0] == DONE and r[4] == "taken"]
+    assert len(steps) == 4
+    assert all(r[4] is code and r[2] <= r[3] for r in steps)
+    assert done[1] == threading.get_ident()
+    assert done[2] == steps[-1][3]
+    assert done[8] == "result"
+    assert not any(gc.is_tracked(r) for r in records)
 
 
 @needs_native
@@ -382,7 +423,7 @@ def test_native_hook_keeps_refcounts(new_loop: asyncio.AbstractEventLoop) -> Non
     def run(n: int) -> None:
         with Recording(new_loop, True) as rec:
             new_loop.run_until_complete(steps(n))
-        assert len(rec.records) >= 3 * n
+        assert len(rec.all_records()) >= 3 * n
         out.clear()
 
     run(100)  # warm: caches, the loop's ready queue, code objects' co_extra
