@@ -97,7 +97,8 @@ typedef struct {
     PyObject *last_code;    /* the code of the last task_request's coroutine (strong) ... */
     PyObject *last_at;      /* ... and scope_at[last_code]: most tasks run one coroutine, and
                              * 3.11 does not cache a code object's hash (~1 500 instructions) */
-    HeldRecord *held;       /* the steps and task ends recorded in C, in order */
+    HeldRecord *held;       /* the steps and task ends recorded in C, in order: */
+    Py_ssize_t held_from;   /* held[held_from:n_held] (the first ones taken already) */
     Py_ssize_t n_held;
     Py_ssize_t held_room;
     Py_ssize_t limit;       /* of records in all: the list's and the held ones */
@@ -137,12 +138,12 @@ capture_clear(StepCapture *self)
     return 0;
 }
 
-/* Release records detached from a capture (their items are ints, strings and code
- * objects: no finaliser runs), and their memory. */
 static void untrack_atomic(PyObject *rec);
 
+/* Release n records taken from a capture (their items are ints, strings and code objects:
+ * no finaliser runs). */
 static void
-free_records(HeldRecord *held, Py_ssize_t n)
+release_records(HeldRecord *held, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
         HeldRecord *r = &held[i];
@@ -153,26 +154,48 @@ free_records(HeldRecord *held, Py_ssize_t n)
         Py_XDECREF(r->key);
         Py_XDECREF(r->state);
     }
-    PyMem_Free(held);
 }
 
-/* Detach the held records: return them (*n of them), and hold none from now on. */
-static HeldRecord *
-detach_held(StepCapture *self, Py_ssize_t *n)
+/* Return how many records the capture holds in C. */
+static inline Py_ssize_t
+n_held(StepCapture *self)
 {
-    HeldRecord *held = self->held;
-    *n = self->n_held;
-    self->held = NULL;
-    self->n_held = self->held_room = 0;
-    return held;
+    return self->n_held - self->held_from;
+}
+
+/* Move the first (up to) max held records to a new buffer: return it (*n records, NULL
+ * with MemoryError set if it could not be made); the capture holds the rest. */
+static HeldRecord *
+take_first(StepCapture *self, Py_ssize_t max, Py_ssize_t *n)
+{
+    Py_ssize_t k = n_held(self);
+    if (max >= 0 && max < k)
+        k = max;
+    *n = 0;
+    HeldRecord *out = PyMem_New(HeldRecord, (size_t)(k ? k : 1));
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (k)
+        memcpy(out, self->held + self->held_from, (size_t)k * sizeof *out);
+    self->held_from += k;
+    if (self->held_from == self->n_held)
+        self->held_from = self->n_held = 0; /* all taken: fill from the start again */
+    *n = k;
+    return out;
 }
 
 static void
 drop_held(StepCapture *self)
 {
-    Py_ssize_t n;
-    HeldRecord *held = detach_held(self, &n);
-    free_records(held, n);
+    HeldRecord *held = self->held;
+    Py_ssize_t from = self->held_from, n = self->n_held;
+    self->held = NULL;
+    self->held_from = self->n_held = self->held_room = 0;
+    if (held != NULL)
+        release_records(held + from, n - from);
+    PyMem_Free(held);
 }
 
 /* Return a zeroed slot at the end of the held records, NULL (MemoryError set) if none. */
@@ -198,7 +221,7 @@ hold(StepCapture *self)
 static inline Py_ssize_t
 n_records(StepCapture *self, PyObject *records)
 {
-    return PyList_GET_SIZE(records) + self->n_held;
+    return PyList_GET_SIZE(records) + n_held(self);
 }
 
 static void
@@ -395,16 +418,28 @@ capture_step_times(StepCapture *self, PyObject *unused)
 static PyObject *
 capture_held(StepCapture *self, PyObject *unused)
 {
-    return PyLong_FromSsize_t(self->n_held);
+    return PyLong_FromSsize_t(n_held(self));
 }
 
-/* Detached first: making the tuples may run a collection, and so other threads' code (a
- * loop step ending meanwhile holds its records anew, for a later take). */
+/* take_records([max]): the first max held records (all without it) as tuples. They are
+ * moved out first: making the tuples may run a collection, and so other threads' code (a
+ * loop step that ends meanwhile holds its records for a later take). ~340 ns a record,
+ * with the GIL held throughout: the writer takes a trace's records a chunk at a time, so
+ * the loop gets the GIL between chunks. */
 static PyObject *
-capture_take_records(StepCapture *self, PyObject *unused)
+capture_take_records(StepCapture *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    Py_ssize_t max = -1;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "take_records takes at most one argument (max)");
+        return NULL;
+    }
+    if (nargs == 1 && ((max = PyLong_AsSsize_t(args[0])) == -1 && PyErr_Occurred()))
+        return NULL;
     Py_ssize_t n;
-    HeldRecord *held = detach_held(self, &n);
+    HeldRecord *held = take_first(self, max, &n);
+    if (held == NULL)
+        return NULL;
     PyObject *out = PyList_New(n);
     if (out == NULL)
         goto done;
@@ -438,7 +473,8 @@ capture_take_records(StepCapture *self, PyObject *unused)
         PyList_SET_ITEM(out, i, rec);
     }
 done:
-    free_records(held, n);
+    release_records(held, n);
+    PyMem_Free(held);
     return out;
 }
 
@@ -458,8 +494,9 @@ static PyMethodDef capture_methods[] = {
      "Return (start, end) in perf_counter_ns of the running or last loop step."},
     {"held", (PyCFunction)capture_held, METH_NOARGS,
      "Return how many step and done records are held in C (not in the records list)."},
-    {"take_records", (PyCFunction)capture_take_records, METH_NOARGS,
-     "Return the held records as STEP and DONE tuples, in order, and hold none."},
+    {"take_records", (PyCFunction)(void (*)(void))capture_take_records, METH_FASTCALL,
+     "take_records([max]) -> the first max held records (all without max) as STEP and\n"
+     "DONE tuples, in order; they are held no more."},
     {"drop_records", (PyCFunction)capture_drop_records, METH_NOARGS,
      "Drop the held records; None."},
     {"on_gc", (PyCFunction)(void (*)(void))capture_on_gc, METH_FASTCALL,
