@@ -291,13 +291,14 @@ def test_inuse_space_of_big_blocks_and_small_objects_within_sampling_error(
     del big, small
     gc.collect()
     after = memprofile.profile_data("inuse_space")
-    assert through(after, "hold_big_blocks", inuse) == 0
-    # Every block of the workload's own (1 KiB objects, their list) is gone. Smaller
-    # blocks may rightly stay: under a tracer (coverage, in the full suite) CPython
+    # Every block of the workload's own (1 MiB and 1 KiB objects, their lists) is gone.
+    # Smaller blocks may rightly stay: under a tracer (coverage, in the full suite) CPython
     # allocates per-code arrays (its line table: 44-120 B) on the function's first
     # traced call, and they live as long as the code. Twice in full suites one was
-    # sampled (16 410 B left: a 52 B block at rate 16 KiB); with settrace and rate 1
-    # they show as the only blocks left, and without a tracer none is.
+    # sampled (16 410 B left: a 52 B block at rate 16 KiB), and once (3.13) one of
+    # hold_big_blocks' (16 430 B left); with settrace and rate 1 they show as the only
+    # blocks left, and without a tracer none is.
+    assert through(after, "hold_big_blocks", inuse, min_bytes=1024) == 0
     assert through(after, "hold_small_objects", inuse, min_bytes=1024) == 0
     alloc = column(after, "alloc_space")
     assert through(after, "hold_big_blocks", alloc) == through(data, "hold_big_blocks", alloc)
