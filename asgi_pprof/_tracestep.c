@@ -217,6 +217,25 @@ hold(StepCapture *self)
     return r;
 }
 
+/* Hold a record of the step that ran from t0 to t1 on the last loop (name and req may be
+ * NULL: None); a DONE record is one with its key, state and ident set too. NULL, with
+ * MemoryError set, if there is no room. */
+static HeldRecord *
+hold_step(StepCapture *self, int64_t t0, int64_t t1, PyObject *what, PyObject *name,
+          PyObject *req)
+{
+    HeldRecord *r = hold(self);
+    if (r == NULL)
+        return NULL;
+    r->t0 = t0;
+    r->t1 = t1;
+    r->loop_id = Py_NewRef(self->last_loop_id);
+    r->what = Py_NewRef(what);
+    r->name = Py_XNewRef(name);
+    r->req = Py_XNewRef(req);
+    return r;
+}
+
 /* Return how many records the capture holds, the list's and the held ones. */
 static inline Py_ssize_t
 n_records(StepCapture *self, PyObject *records)
@@ -1277,24 +1296,12 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
             }
         }
         /* Every call that can run Python code is behind us: the slots are filled at once. */
-        HeldRecord *step = hold(cap);
-        if (step == NULL)
+        if (hold_step(cap, t0, t1, code, name, req) == NULL)
             goto done;
-        step->t0 = t0;
-        step->t1 = t1;
-        step->loop_id = Py_NewRef(cap->last_loop_id);
-        step->what = Py_NewRef(code);
-        step->name = Py_NewRef(name);
-        step->req = Py_XNewRef(req);
         if (finished) {
-            HeldRecord *end = hold(cap);
+            HeldRecord *end = hold_step(cap, t1, t1, code, name, req);
             if (end == NULL)
                 goto done;
-            end->t1 = t1;
-            end->loop_id = Py_NewRef(cap->last_loop_id);
-            end->what = Py_NewRef(code);
-            end->name = Py_NewRef(name);
-            end->req = Py_XNewRef(req);
             end->key = Py_NewRef(key);
             end->state = Py_NewRef(state);
             end->ident = PyThread_get_thread_ident();
@@ -1309,13 +1316,8 @@ record_step(StepHook *hook, StepCapture *cap, PyObject *handle, PyObject *cb, Py
         what = callback_what(hook, cb, owner);
         if (what == NULL)
             goto done;
-        HeldRecord *step = hold(cap);
-        if (step == NULL)
+        if (hold_step(cap, t0, t1, what, NULL, NULL) == NULL)
             goto done;
-        step->t0 = t0;
-        step->t1 = t1;
-        step->loop_id = Py_NewRef(cap->last_loop_id);
-        step->what = Py_NewRef(what);
     }
     ret = 0;
 done:

@@ -190,16 +190,21 @@ class _Recorder:
 
     # --- the bound --------------------------------------------------------------------
 
+    @property
+    def _capture(self) -> StepCapture | None:
+        """The C step hook's capture while it is this recorder's hook, else None."""
+        return self.hook.capture if self.hook is not None else None
+
     def count(self) -> int:
         """Return how many records the capture holds: the list's, and the C hook's steps
         and task ends it holds in C until the trace is written (see :meth:`all_records`)."""
-        capture = self.hook.capture if self.hook is not None else None
+        capture = self._capture
         return len(self.records) + (capture.held() if capture is not None else 0)
 
     def all_records(self) -> list[Any]:
         """Return every record: :attr:`records`, with the C hook's held ones moved into it
         (made into tuples here, by the trace's writer, not on the loop)."""
-        capture = self.hook.capture if self.hook is not None else None
+        capture = self._capture
         # A chunk at a time: one C call holds the GIL (~340 ns a record, 70 ms for 200 000),
         # and between two calls the loop takes it back.
         while capture is not None and capture.held():
@@ -364,7 +369,7 @@ class _Recorder:
         released at the stop, so the wait sees it at once; one C call, about half the CPU
         of an Event.wait (a Condition's waiter lock, made and dropped in Python).
         """
-        capture = self.hook.capture if self.hook is not None else None
+        capture = self._capture
         if capture is not None:
             wait: Callable[[float], bool] = capture.wait
             return wait
@@ -518,8 +523,8 @@ class _Recorder:
 
     def discard(self) -> None:
         """Drop everything recorded (the client left: nothing will be written)."""
-        if self.hook is not None and self.hook.capture is not None:
-            self.hook.capture.drop_records()
+        if self._capture is not None:
+            self._capture.drop_records()
         self.records = []
         self.loops = {}
         self.requests = Requests()
