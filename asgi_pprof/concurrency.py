@@ -29,6 +29,8 @@ import anyio
 import anyio._backends._asyncio  # see below
 import anyio.to_thread
 
+from . import threads
+
 # anyio loads its asyncio backend at the first ``to_thread.run_sync``, on the event loop:
 # a 40-60 ms stall at the first request that runs work off the loop (issue 8, item 11).
 # Loaded here instead, when an app is made, at the host's start-up.
@@ -165,6 +167,9 @@ def _pool_main(pool: _Pool) -> None:
         sys.setprofile(prof)
     me = threading.current_thread()
     me.name = POOL_NAME
+    # Started with _thread, so Thread.start() never told the CPU samplers: a capture that
+    # runs would find this thread only at its next rescan, after the work it came for.
+    threads.announce_started()
     while True:
         loop, fut, ctx, fn, args, kwargs = pool.jobs.get()
         me.name = WORK_NAME

@@ -46,8 +46,9 @@ _seen_raw: set[int] = set()
 _orig_start: Callable[[threading.Thread], None] | None = None
 
 start_listeners: list[Callable[[], None]] = []
-"""Called after each ``Thread.start()`` once :func:`install` ran (the CPU samplers: they
-look for the new thread at once instead of at their next rescan)."""
+"""Called after each ``Thread.start()`` once :func:`install` ran, and when a pool thread of
+ours starts (the CPU samplers: they look for the new thread at once instead of at their
+next rescan, up to a second later while no other thread runs)."""
 
 
 def _raw_stack(frame: types.FrameType | None) -> tuple[RawFrame, ...]:
@@ -65,6 +66,12 @@ def _start(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
     _orig_start(self, *args, **kwargs)  # raises for a second start(): then nothing is counted
     with _lock:
         _sites[site] = _sites.get(site, 0) + 1
+    announce_started()
+
+
+def announce_started() -> None:
+    """Tell the :data:`start_listeners` a thread has started (``Thread.start()`` does, and
+    our pool's bare threads, which ``Thread.start()`` never sees, once they are named)."""
     for listener in start_listeners:
         listener()
 

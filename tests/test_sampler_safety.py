@@ -449,6 +449,40 @@ async def test_our_own_work_is_sampled_under_its_label() -> None:
     assert not theirs
 
 
+def test_a_pool_thread_started_mid_capture_is_sampled_at_once() -> None:
+    # Our pool's threads are started with _thread (see concurrency), which Thread.start()'s
+    # listeners never see. A capture past its first rescans, with no other thread running,
+    # rescans once a second: a pool thread that started then and worked 0.3 s had no ticker
+    # until its work was done (seen on 3.13 as a profile with no sample of it, ~1 run in 30).
+    proc = run_python(
+        """
+        import asyncio
+        from asgi_pprof import concurrency
+        from asgi_pprof.cpu import OWN_LABEL, to_profile
+        from asgi_pprof.sampler import get_sampler
+        from tests import workloads
+
+        async def main():
+            s = get_sampler(250, 0.0001)
+            cap = s.subscribe()
+            try:
+                await asyncio.sleep(0.3)  # past the capture's first rescans
+                await concurrency.run_in_thread(workloads.spin_cpu, 0.3)
+            finally:
+                s.unsubscribe(cap)
+                s.release_signal()
+            data = to_profile(cap)
+            ns = sum(x.values[1] for x in data.samples if OWN_LABEL in x.labels)
+            print(f"own_ms={ns / 1e6:.1f}")
+
+        asyncio.run(main())
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    own_ms = float(proc.stdout.split("own_ms=")[1])
+    assert own_ms > 150, f"only {own_ms} ms of the pool thread's 300 ms of CPU was sampled"
+
+
 # --- item 11: the first capture in a fresh process does not stall the loop ----------------
 
 
