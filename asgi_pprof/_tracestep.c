@@ -111,6 +111,7 @@ typedef struct {
     pthread_cond_t turn_cv; /* on CLOCK_MONOTONIC */
     int turn_ready;         /* turn_mu and turn_cv initialised */
     int want;               /* atomic: the sampler waits for the GIL */
+    int64_t sampled_at;     /* atomic: now_ns() of the last note_sample() (0: none yet) */
     int stopped;            /* under turn_mu: stop_waits() was called */
     pid_t pid;              /* the process that made them (a forked child never waits) */
 } StepCapture;
@@ -295,8 +296,8 @@ deadline_in(int64_t ns)
     return t;
 }
 
-/* capture.wait(timeout): the wall-clock sampler's sleep between samples; return True once
- * stop_waits() was called.
+/* capture.wait(timeout[, stall_ns]): the wall-clock sampler's sleep between samples;
+ * return True once stop_waits() was called.
  *
  * The GIL is let go for the sleep, and taking it back is where the sampler's cost was:
  * CPython wakes a thread waiting for the GIL each time its holder lets it go, and a busy
@@ -306,15 +307,25 @@ deadline_in(int64_t ns)
  * call on the loop's thread too. So it says it wants the GIL (`want`), and the next loop
  * step to start hands it over (yield_turn) instead of racing for it. A loop stuck in one
  * long step never gets there: the GIL then changes hands as before (within the switch
- * interval, or at once while the step waits without it), one hand-over per sample. */
+ * interval, or at once while the step waits without it), one hand-over per sample.
+ *
+ * And while the main thread's own CPU ticks take the samples (note_sample(): in its
+ * SIGPROF handler it holds the GIL already, so a sample there costs no hand-over at all),
+ * the sleep goes on without the GIL: a sample is due only `timeout` after the last one
+ * taken anywhere, or as soon as a loop step has run `stall_ns` (when > 0), where the
+ * finer rate is this thread's. Looked at again every two timeouts, not every one: each
+ * look is a wake-up, and the cost of one here is a context switch (~50 us of CPU on a
+ * busy VM, measured). */
 static PyObject *
-capture_wait(StepCapture *self, PyObject *arg)
+capture_wait(StepCapture *self, PyObject *args)
 {
-    double timeout = PyFloat_AsDouble(arg);
-    if (timeout == -1.0 && PyErr_Occurred())
+    double timeout;
+    long long stall_ns = 0;
+    if (!PyArg_ParseTuple(args, "d|L:wait", &timeout, &stall_ns))
         return NULL;
-    if (!(timeout >= 0.0) || timeout > 3600.0) {
-        PyErr_SetString(PyExc_ValueError, "wait() takes a timeout between 0 and 3600 s");
+    if (!(timeout >= 0.0) || timeout > 3600.0 || stall_ns < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "wait() takes a timeout between 0 and 3600 s and stall_ns >= 0");
         return NULL;
     }
     if (self->pid != getpid()) {
@@ -323,9 +334,28 @@ capture_wait(StepCapture *self, PyObject *arg)
     }
     int stopped;
     Py_BEGIN_ALLOW_THREADS
-    struct timespec until = deadline_in((int64_t)(timeout * 1e9));
+    int64_t period = (int64_t)(timeout * 1e9);
+    int64_t wake_at = now_ns() + period;
     pthread_mutex_lock(&self->turn_mu);
-    while (!self->stopped && pthread_cond_timedwait(&self->turn_cv, &self->turn_mu, &until) == 0) {
+    for (;;) {
+        int64_t left = wake_at - now_ns();
+        struct timespec until = deadline_in(left > 0 ? left : 0);
+        while (!self->stopped &&
+               pthread_cond_timedwait(&self->turn_cv, &self->turn_mu, &until) == 0) {
+        }
+        if (self->stopped)
+            break;
+        int64_t now = now_ns();
+        if (stall_ns > 0) {
+            int64_t start = __atomic_load_n(&self->step_start, __ATOMIC_RELAXED);
+            int64_t end = __atomic_load_n(&self->step_end, __ATOMIC_RELAXED);
+            if (start > end && now - start >= stall_ns)
+                break;
+        }
+        int64_t sampled = __atomic_load_n(&self->sampled_at, __ATOMIC_RELAXED);
+        if (sampled == 0 || now - sampled >= period)
+            break;
+        wake_at = sampled + 2 * period;
     }
     stopped = self->stopped;
     if (!stopped)
@@ -339,6 +369,15 @@ capture_wait(StepCapture *self, PyObject *arg)
         pthread_mutex_unlock(&self->turn_mu);
     }
     return PyBool_FromLong(stopped);
+}
+
+/* capture.note_sample(): a wall-clock sample was just taken elsewhere (the main thread's
+ * CPU tick): wait() sleeps on. */
+static PyObject *
+capture_note_sample(StepCapture *self, PyObject *unused)
+{
+    __atomic_store_n(&self->sampled_at, now_ns(), __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -425,6 +464,7 @@ capture_init(StepCapture *self, PyObject *args, PyObject *kwds)
     Py_CLEAR(self->last_loop_id);
     self->limit = limit;
     self->step_start = self->step_end = self->gc_start = 0;
+    self->sampled_at = 0;
     return 0;
 }
 
@@ -524,9 +564,13 @@ static PyMethodDef capture_methods[] = {
     {"task_created", (PyCFunction)(void (*)(void))capture_task_created, METH_FASTCALL,
      "task_created(key, coro, code) -> request number or None: trace_routes.Requests.\n"
      "task_created's twin, for the task factory of loops whose steps are not seen (uvloop)."},
-    {"wait", (PyCFunction)capture_wait, METH_O,
-     "wait(timeout) -> bool: sleep up to timeout s without the GIL, then take it back from\n"
-     "the next loop step rather than racing for it; True once stop_waits() was called."},
+    {"wait", (PyCFunction)capture_wait, METH_VARARGS,
+     "wait(timeout, stall_ns=0) -> bool: sleep timeout s without the GIL (longer while\n"
+     "note_sample() is called: until timeout s after the last one, or a loop step has run\n"
+     "stall_ns), then take the GIL back from the next loop step rather than racing for it;\n"
+     "True once stop_waits() was called."},
+    {"note_sample", (PyCFunction)capture_note_sample, METH_NOARGS,
+     "note_sample(): a wall-clock sample was just taken elsewhere; wait() sleeps on."},
     {"stop_waits", (PyCFunction)capture_stop_waits, METH_NOARGS,
      "stop_waits(): end every wait() now and from now on."},
     {"finished", (PyCFunction)capture_finished, METH_O,
@@ -1375,9 +1419,12 @@ hook_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *
                 goto out;
         }
     }
-    int64_t t0 = cap->step_start = now_ns();
+    /* Read without the GIL by the sampler's wait(): stored whole. */
+    int64_t t0 = now_ns();
+    __atomic_store_n(&cap->step_start, t0, __ATOMIC_RELAXED);
     result = PyObject_Vectorcall(hook->orig, &handle, 1, NULL);
-    int64_t t1 = cap->step_end = now_ns(); /* the sampler sees that a step ended */
+    int64_t t1 = now_ns();
+    __atomic_store_n(&cap->step_end, t1, __ATOMIC_RELAXED); /* the sampler sees it ended */
     if (result == NULL) {
         SavedError saved;
         save_error(&saved);

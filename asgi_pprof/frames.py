@@ -38,6 +38,7 @@ __all__ = [
     "MAX_DEPTH",
     "RawFrame",
     "RawStack",
+    "code_stack",
     "current_code_stacks",
     "current_stacks",
     "resolve",
@@ -103,6 +104,14 @@ def current_code_stacks() -> dict[int, tuple[types.CodeType, ...]]:
     """Return {thread ident: code objects of its stack, leaf first} of every thread, read at
     one instant like :func:`current_stacks`, in half its time: no line number is computed."""
     return _every_thread(starmap(sys._current_frames, ((),)), _CODE_OF)
+
+
+def code_stack(frame: types.FrameType | None) -> tuple[types.CodeType, ...]:
+    """Return the code objects of ``frame`` and its callers, leaf first, read in C like
+    :func:`current_code_stacks`: for this thread's own frames (a signal handler's
+    interrupted frame) or suspended ones, as :func:`stack_now`."""
+    codes: tuple[types.CodeType, ...] = _in_c(_walks((frame,), _CODE_OF))[0]
+    return codes
 
 
 def _every_thread(

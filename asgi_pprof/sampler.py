@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import cputicks, threads
@@ -118,6 +119,11 @@ class Capture:
     end_mono: float = 0.0
     timeline: list[TimelineTick] | None = None
     """Every tick in the order taken, when subscribed with ``timeline=True``."""
+    on_main_tick: Callable[[types.FrameType], None] | None = None
+    """Called with the interrupted frame at each of the main thread's own ticks, in its
+    ``SIGPROF`` handler (the GIL held, no hand-over needed): the trace takes its wall-clock
+    samples there while the main thread burns CPU. It must not raise; one that does is not
+    called again."""
 
     def weigh(self, tid: int | None, cpu_now: int | None, ticks: int) -> int:
         """Return the CPU (ns) a sample of thread ``tid`` stands for, and remember ``cpu_now``.
@@ -275,12 +281,22 @@ class Sampler:
 
     # subscription (called from the event loop or any thread; cheap, never blocks)
 
-    def subscribe(self, *, timeline: bool = False) -> Capture:
+    def subscribe(
+        self,
+        *,
+        timeline: bool = False,
+        on_main_tick: Callable[[types.FrameType], None] | None = None,
+    ) -> Capture:
         """Return a new capture that receives every sample from now until unsubscribed.
 
-        With ``timeline`` the capture also keeps every tick in order (``Capture.timeline``).
+        With ``timeline`` the capture also keeps every tick in order (``Capture.timeline``);
+        ``on_main_tick`` is called at the main thread's own ticks (``Capture.on_main_tick``).
         """
-        cap = Capture(period_ns=self.period_ns, timeline=[] if timeline else None)
+        cap = Capture(
+            period_ns=self.period_ns,
+            timeline=[] if timeline else None,
+            on_main_tick=on_main_tick,
+        )
         for tid in self._targets().values():
             cpu = _thread_cpu_ns(tid)
             if cpu is not None:
@@ -356,6 +372,13 @@ class Sampler:
         ticker = self._main_timer
         if ticker is not None:
             ticker.rearm()
+        for cap in captures:
+            listener = cap.on_main_tick
+            if listener is not None:
+                try:
+                    listener(frame)
+                except Exception:  # never into the interrupted code: the listener reports
+                    cap.on_main_tick = None
 
     def _use_signal_for_main(self) -> None:
         # Under self._lock. Only on the main thread, only with the timers available, and

@@ -16,11 +16,13 @@ only while a capture runs:
 * the CPU profiler's sampler (``sampler.get_sampler``, shared with ``/profile``),
   subscribed with a timeline: one stack per tick of every thread's CPU clock, read by
   the main thread itself in its ``SIGPROF`` handler (no GIL bias): the CPU tracks.
-* a wall-clock sampler thread (``asgi_pprof-trace``) reading every thread's stack in
-  one C call (``frames.current_code_stacks``): at ``trace_sample_hz`` while a loop step runs
-  long (where the loop was stuck, blocking calls included), at 50 Hz otherwise (what
-  threads wait on). Each wake-up takes the GIL from the running threads, which costs
-  more than the sample itself: it wakes once per sample, no more.
+* wall-clock samples of every thread's stack, read in one C call
+  (``frames.current_code_stacks``): at 50 Hz (what threads wait on), taken in the main
+  thread's CPU ticks while it burns CPU (the GIL held already: no hand-over, and the loop
+  is seen where its CPU goes), else by a sampler thread (``asgi_pprof-trace``), which also
+  samples at ``trace_sample_hz`` while a loop step runs long (where the loop was stuck,
+  blocking calls included). Each of its wake-ups takes the GIL from the running threads,
+  which costs more than the sample itself: it wakes once per sample, no more.
 
 Everything is put back the moment the window ends, however it ends (the client
 disconnects, the server shuts down, the request is cancelled); the JSON is written in a
@@ -45,7 +47,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import trace_hook
 from .concurrency import THREAD_PREFIX, is_own_thread, run_in_thread
-from .frames import current_code_stacks
+from .frames import code_stack, current_code_stacks
 from .profiles import ProfileError
 from .sampler import Capture, Sampler, get_sampler
 from .trace_events import DONE, GC, NEW, SAMPLE, LoopInfo, RawTrace, render
@@ -120,6 +122,14 @@ def _threads_cpu_ns() -> dict[int, int]:
     return out
 
 
+def _own_idents(idents: dict[int, Any]) -> set[int]:
+    """Return which of ``idents`` are our own threads, without ``threading.enumerate()``:
+    in a signal handler, the code it interrupted may hold the lock that takes. Read from
+    threading's own table (ident -> Thread) under the GIL instead."""
+    table: dict[int, threading.Thread] = getattr(threading, "_active", {})
+    return {i for i in idents if (t := table.get(i)) is not None and is_own_thread(t.name)}
+
+
 def _task_state(task: asyncio.Future[Any]) -> str:
     """Return how a finished task ended, without retrieving its exception.
 
@@ -176,6 +186,21 @@ class _Recorder:
         """Held until the capture ends: the sampler thread's wait (see :meth:`_sample`)."""
         self._stopped.acquire()
         self._sampler: threading.Thread | None = None
+        self._current: dict[int, list[Any]] = {}
+        """Each thread's open sample record (extended while its stack stays the same)."""
+        self._skip: set[int] = set()
+        """Threads the wall-clock samples leave out (ours), refreshed by the sampler thread."""
+        self._sampling = threading.Lock()
+        """Held while a wall-clock sample is taken: by the sampler thread, or tried by the
+        main thread's CPU tick (:meth:`_on_main_tick`), which skips it when taken."""
+        self._sampled_ns = 0
+        """When the last wall-clock sample was taken (``perf_counter_ns``), by either."""
+        self._tick_sampled_ns = 0
+        """When the last one was taken in a CPU tick."""
+        self.tick_samples = 0
+        """Wall-clock samples taken in the main thread's CPU ticks (the others: the thread's)."""
+        self.tick_error: BaseException | None = None
+        """What ended the tick samples, if something did (logged when the capture ends)."""
         self._cpu_sampler: Sampler = get_sampler(options.sample_hz, options.switch_interval)
         self._cpu: Capture | None = None
         self.cpu_exact: int | None = None
@@ -348,35 +373,81 @@ class _Recorder:
         fast = 1 / self.hz
         slow = max(fast, 1 / _IDLE_HZ)
         fast_ns = 1_000_000_000 // self.hz
-        current: dict[int, list[Any]] = {}
-        skip: set[int] = set()
         refresh_at = 0
         stopped = self._sample_wait()
-        while not stopped(fast if self._stalled(fast_ns) else slow):
+        while not stopped(fast if self._stalled(fast_ns) else slow, fast_ns):
             now = _now()
             if now >= refresh_at:
-                skip = self._refresh_threads() | {me}
+                self._skip = self._refresh_threads() | {me}
                 refresh_at = now + 100_000_000
-            self._sample_once(current, skip)
+            with self._sampling:
+                self._sample_once(self._current, self._skip)
+                self._sampled_ns = now
 
-    def _sample_wait(self) -> Callable[[float], bool]:
-        """Return the wait between two samples: ``wait(timeout)`` is True once stopped.
+    def _sample_wait(self) -> Callable[[float, int], bool]:
+        """Return the wait between two samples: ``wait(timeout, stall_ns)`` is True once
+        stopped.
 
         One wake-up per sample: every wake-up takes the GIL from the threads that run,
         which costs more than the sample itself. With the C hook, its capture's wait: the
         GIL is then handed over by the next loop step rather than raced for
-        (StepCapture.wait: ~400 futile wake-ups per sample without it). Else a lock
-        released at the stop, so the wait sees it at once; one C call, about half the CPU
-        of an Event.wait (a Condition's waiter lock, made and dropped in Python).
+        (StepCapture.wait: ~400 futile wake-ups per sample without it), and none is taken
+        while the main thread's CPU ticks take the samples (:meth:`_on_main_tick`) unless
+        a loop step has run ``stall_ns``. Else a lock released at the stop, so the wait
+        sees it at once; one C call, about half the CPU of an Event.wait (a Condition's
+        waiter lock, made and dropped in Python).
         """
         capture = self._capture
         if capture is not None:
-            wait: Callable[[float], bool] = capture.wait
+            wait: Callable[[float, int], bool] = capture.wait
             return wait
         return self._stop_wait
 
-    def _stop_wait(self, timeout: float) -> bool:
-        return self._stopped.acquire(timeout=timeout)
+    def _stop_wait(self, timeout: float, stall_ns: int) -> bool:
+        # StepCapture.wait's rules, with the GIL taken at each look (the Python hook's).
+        period = int(timeout * 1e9)
+        while not self._stopped.acquire(timeout=timeout):
+            now = _now()
+            if (stall_ns > 0 and self._stalled(stall_ns)) or now - self._tick_sampled_ns >= period:
+                return False
+            timeout = (self._tick_sampled_ns + 2 * period - now) / 1e9
+        return True
+
+    def _on_main_tick(self, frame: types.FrameType) -> None:
+        """Take a wall-clock sample in the main thread's CPU tick, at most one per idle period.
+
+        The tick's ``SIGPROF`` handler holds the GIL already: a sample here needs no
+        hand-over, where the sampler thread's each cost the loop a GIL turn and the
+        process ~0.3 ms of CPU (measured on a traced busy uvicorn: 14-16 ms of the
+        sampler thread's CPU a second at 50 samples, a quarter of it context switches).
+        The main thread's own stack is read from the interrupted ``frame`` (below this
+        handler), every other thread's as the sampler thread reads it. The sampler thread
+        sleeps on while these come (``StepCapture.note_sample``), and samples itself
+        while the main thread idles, or when a loop step stalls (the finer rate).
+        """
+        if _active is not self or self.tick_error is not None:
+            return
+        now = _now()
+        # One per period of its own (less half a tick: the first tick after it, ~a period
+        # on average), and not within half a period of the thread's last: the thread's
+        # wait defers only to the ticks' samples, so they must come in between.
+        period = 1_000_000_000 // _IDLE_HZ
+        own = period - self._cpu_sampler.period_ns // 2
+        if now - self._tick_sampled_ns < own or now - self._sampled_ns < period // 2:
+            return
+        if not self._sampling.acquire(blocking=False):
+            return  # the sampler thread is sampling, or this handler interrupted itself
+        try:
+            self._sample_once(self._current, self._skip, (_get_ident(), frame))
+            self._sampled_ns = self._tick_sampled_ns = now
+            self.tick_samples += 1
+            capture = self._capture
+            if capture is not None:
+                capture.note_sample()
+        except Exception as e:  # in a signal handler: never into the interrupted code
+            self.tick_error = e
+        finally:
+            self._sampling.release()
 
     def _stalled(self, after_ns: int) -> bool:
         """Return True while a loop step has been running for ``after_ns`` or longer."""
@@ -386,14 +457,23 @@ class _Recorder:
         start, end = hook.step_times()
         return start > end and _now() - start >= after_ns
 
-    def _sample_once(self, current: dict[int, list[Any]], skip: set[int]) -> None:
+    def _sample_once(
+        self,
+        current: dict[int, list[Any]],
+        skip: set[int],
+        own: tuple[int, types.FrameType] | None = None,
+    ) -> None:
         """Read every thread's stack once; a stack that did not change extends its record.
 
         The stacks are read in one C call (``frames.current_code_stacks``: only the code
         objects, which is all a sample keeps): no other thread's frame is ever held while
-        that thread may run.
+        that thread may run. ``own``: (this thread's ident, the frame its stack is read
+        from), for a sample taken in a signal handler (not the handler's own frames).
         """
         stacks = current_code_stacks()
+        if own is not None:
+            stacks[own[0]] = code_stack(own[1])
+            skip = skip | _own_idents(stacks)  # ours started since the thread's last refresh
         t = _now()
         hook = self.hook
         steps_done = hook.step_times()[1] if hook is not None else 0
@@ -454,12 +534,16 @@ class _Recorder:
         _active = self
         # The CPU profiler's sampler (shared with /profile): exact CPU ticks of the main
         # thread from its own SIGPROF handler, other threads' from their CPU timers.
-        self._cpu = self._cpu_sampler.subscribe(timeline=True)
+        # The wall-clock samples are taken in the main thread's ticks too while it burns CPU
+        # (_on_main_tick): the sampler thread's wait then sleeps on.
+        self._cpu = self._cpu_sampler.subscribe(timeline=True, on_main_tick=self._on_main_tick)
         self._cpu_start = _threads_cpu_ns()
         self._sampler = threading.Thread(
             target=self._sampler_main, name=THREAD_PREFIX + "trace", daemon=True
         )
         self._sampler.start()
+        # Before the sampler thread's first refresh: the ticks may sample first.
+        self._skip = self._refresh_threads()
 
     def uninstall(self) -> None:
         """Put back everything :meth:`install` changed and stop the sampler, at once.
@@ -487,6 +571,12 @@ class _Recorder:
                 i: ns - self._cpu_start[i] for i, ns in end.items() if i in self._cpu_start
             }
             self._cpu_sampler.release_signal()
+        if self.tick_error is not None:
+            log.warning(
+                "asgi_pprof: the trace's wall-clock samples in CPU ticks failed; the "
+                "sampler thread took them from then on",
+                exc_info=self.tick_error,
+            )
         try:
             if self.hook is not None and not self.hook.uninstall():
                 log.warning("asgi_pprof: asyncio.Handle._run was replaced during a trace")

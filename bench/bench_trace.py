@@ -373,7 +373,7 @@ class _NoCPU:
 
     period_ns = 10_000_000
 
-    def subscribe(self, timeline: bool = False) -> Any:
+    def subscribe(self, timeline: bool = False, on_main_tick: Any = None) -> Any:
         from asgi_pprof import sampler
 
         return sampler.Capture(period_ns=self.period_ns, timeline=[])
@@ -462,9 +462,21 @@ def sampler_cost(rounds: int = 6, seconds: float = 2.0) -> None:
         return out
 
     real_wait = tracing._Recorder._sample_wait
+    real_tick = tracing._Recorder._on_main_tick
+    in_ticks = [0, 0.0]  # tick samples taken, their CPU on the loop's thread
 
     def racing(self: tracing._Recorder) -> Any:
         return self._stop_wait
+
+    def no_tick(self: tracing._Recorder, frame: Any) -> None:
+        pass
+
+    def timed_tick(self: tracing._Recorder, frame: Any) -> None:
+        t0, n0 = time.thread_time(), self.tick_samples
+        real_tick(self, frame)
+        if self.tick_samples != n0:
+            in_ticks[0] += 1
+            in_ticks[1] += time.thread_time() - t0
 
     async def profile(seconds: float) -> None:
         s = get_sampler(Options().sample_hz, Options().switch_interval)
@@ -477,6 +489,9 @@ def sampler_cost(rounds: int = 6, seconds: float = 2.0) -> None:
 
     variants: dict[str, Any] = {
         "trace": lambda: tracing.capture(seconds + 0.5, SleepWindow(), Options()),
+        "trace, samples in its thread only": lambda: tracing.capture(
+            seconds + 0.5, SleepWindow(), Options()
+        ),
         "trace, racing": lambda: tracing.capture(seconds + 0.5, SleepWindow(), Options()),
         "CPU profile": lambda: profile(seconds + 0.5),
         "CPU profile, rescans every 250 ms": lambda: profile(seconds + 0.5),
@@ -497,6 +512,8 @@ def sampler_cost(rounds: int = 6, seconds: float = 2.0) -> None:
             for name in list(variants) if i % 2 == 0 else list(reversed(variants)):
                 wait = racing if "racing" in name else real_wait
                 tracing._Recorder._sample_wait = wait  # type: ignore[method-assign]
+                tick = timed_tick if name == "trace" else no_tick
+                tracing._Recorder._on_main_tick = tick  # type: ignore[method-assign]
                 sampler._IDLE_RESCAN_S = 0.25 if "250 ms" in name else idle_rescan
                 try:
                     cap = asyncio.ensure_future(variants[name]())
@@ -507,6 +524,7 @@ def sampler_cost(rounds: int = 6, seconds: float = 2.0) -> None:
                     await cap
                 finally:
                     tracing._Recorder._sample_wait = real_wait  # type: ignore[method-assign]
+                    tracing._Recorder._on_main_tick = real_tick  # type: ignore[method-assign]
                     sampler._IDLE_RESCAN_S = idle_rescan
                 total = (0.0, 0.0)  # per round: a thread seen in one round only counts there
                 for th, (cpu, sw) in b.items():
@@ -530,8 +548,17 @@ def sampler_cost(rounds: int = 6, seconds: float = 2.0) -> None:
                 f"({statistics.median(ms) / 10:.2f} % of a core), {med(sw)} switches per second"
             )
     base = statistics.median(x[0] for x in res["trace, racing"]["all of them"])
+    one = statistics.median(x[0] for x in res["trace, samples in its thread only"]["all of them"])
     now = statistics.median(x[0] for x in res["trace"]["all of them"])
-    print(f"  the trace's samplers, handed the GIL / racing for it: x{now / max(base, 1e-9):.2f}")
+    print(f"  the trace's samplers, handed the GIL / racing for it: x{one / max(base, 1e-9):.2f}")
+    per_s = in_ticks[0] / (rounds * seconds) if in_ticks[0] else 0.0
+    on_loop = in_ticks[1] / max(1, in_ticks[0]) * 1e6
+    print(
+        f"  ... and with samples in the main thread's CPU ticks / in its thread only: "
+        f"x{now / max(one, 1e-9):.2f}; the tick samples: ~{per_s:.0f} a second (counted over "
+        f"each whole capture), {on_loop:.0f} us of the loop's CPU each "
+        f"({per_s * on_loop / 1e4:.2f} % of a core)"
+    )
     base = statistics.median(x[0] for x in res["CPU profile, rescans every 250 ms"]["all of them"])
     now = statistics.median(x[0] for x in res["CPU profile"]["all of them"])
     print(

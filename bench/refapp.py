@@ -58,13 +58,14 @@ def _variants() -> None:
     step hook (``hook=python|native``) and which parts they leave out (``without=hook,
     wall,cpu,switch``), so one server process measures every variant, alternated."""
     import asyncio
+    import types
 
     from asgi_pprof import sampler, trace_hook, tracing
 
     class _NoCPU:
         period_ns = 10_000_000
 
-        def subscribe(self, timeline: bool = False) -> sampler.Capture:
+        def subscribe(self, timeline: bool = False, on_main_tick: object = None) -> sampler.Capture:
             return sampler.Capture(period_ns=self.period_ns, timeline=[])
 
         def unsubscribe(self, cap: sampler.Capture) -> None:
@@ -74,6 +75,7 @@ def _variants() -> None:
             pass
 
     real_sample, real_get_sampler = tracing._Recorder._sample, tracing.get_sampler
+    real_tick = tracing._Recorder._on_main_tick
     real_install = trace_hook.install
 
     def sample(self: tracing._Recorder) -> None:
@@ -81,6 +83,10 @@ def _variants() -> None:
             self._stopped.acquire()  # held until the capture ends: no samples
         else:
             real_sample(self)
+
+    def on_main_tick(self: tracing._Recorder, frame: types.FrameType) -> None:
+        if "wall" not in _without:
+            real_tick(self, frame)
 
     def get_sampler(hz: int, si: float | None) -> sampler.Sampler:
         return _NoCPU() if "cpu" in _without else real_get_sampler(hz, si)  # type: ignore[return-value]
@@ -98,6 +104,7 @@ def _variants() -> None:
 
     sampler._switch.want = want  # type: ignore[method-assign]
     tracing._Recorder._sample = sample  # type: ignore[method-assign]
+    tracing._Recorder._on_main_tick = on_main_tick  # type: ignore[method-assign]
     tracing.get_sampler = get_sampler  # type: ignore[assignment]
     trace_hook.install = install  # type: ignore[assignment]
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -447,6 +448,36 @@ async def test_our_own_work_is_sampled_under_its_label() -> None:
         if OWN_LABEL not in x.labels and any(fr.function.endswith("spin_cpu") for fr in x.stack)
     ]
     assert not theirs
+
+
+def test_main_tick_listeners_get_the_interrupted_frame_and_never_raise_into_it() -> None:
+    # The trace takes its loop's wall-clock samples there: a listener runs in the SIGPROF
+    # handler, between two bytecodes of whatever the main thread runs.
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("the main thread's own ticks")
+    s = get_sampler(250, 0.0001)
+    seen: list[str] = []
+
+    def listener(frame: types.FrameType) -> None:
+        seen.append(frame.f_code.co_name)
+
+    def failing(frame: types.FrameType) -> None:
+        raise RuntimeError("a listener that fails")
+
+    good = s.subscribe(on_main_tick=listener)
+    bad = s.subscribe(on_main_tick=failing)
+    try:
+        workloads.spin_cpu(0.3)  # raises here if a listener's error got through
+    finally:
+        s.unsubscribe(good)
+        s.unsubscribe(bad)
+        s.release_signal()
+    if s.mode != "timers" or not seen:
+        pytest.skip("no main-thread ticks here (no per-thread CPU timers)")
+    assert bad.on_main_tick is None  # called once, then no more
+    assert good.on_main_tick is listener
+    assert len(seen) >= 20, seen  # ~75 ticks at 250 Hz
+    assert seen.count("spin_cpu") >= 0.8 * len(seen), seen
 
 
 def test_a_pool_thread_started_mid_capture_is_sampled_at_once() -> None:

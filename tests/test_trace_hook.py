@@ -802,6 +802,58 @@ def test_native_capture_wait_times_out_stops_and_refuses_bad_timeouts(
 
 
 @needs_native
+def test_native_capture_wait_sleeps_on_while_samples_are_noted_elsewhere(
+    new_loop: asyncio.AbstractEventLoop,
+) -> None:
+    """While the main thread's CPU ticks take the wall-clock samples (note_sample), the
+    sampler's wait sleeps on without the GIL: until no sample came for a timeout, or a loop
+    step has run stall_ns."""
+    with Recording(new_loop, True) as rec:
+        cap = rec.hook.capture
+        assert cap is not None
+        with pytest.raises(ValueError, match="stall_ns"):
+            cap.wait(0.01, -1)
+        noting = [True]
+
+        def noter(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while noting[0] and time.monotonic() < end:
+                cap.note_sample()
+                time.sleep(0.005)
+
+        got: list[tuple[bool, float]] = []
+
+        def waits(timeout: float, stall_ns: int = 0) -> None:
+            t = time.monotonic()
+            got.append((cap.wait(timeout, stall_ns), time.monotonic() - t))
+
+        # Notes for 0.3 s: a 20 ms wait lasts until they stop, and at most two timeouts more.
+        notes = threading.Thread(target=noter, args=(0.3,))
+        notes.start()
+        time.sleep(0.01)
+        waits(0.02)
+        notes.join(5)
+        assert got[-1][0] is False, got
+        assert 0.25 < got[-1][1] < 0.3 + 0.5, got
+
+        # Notes go on, but a loop step runs 0.3 s: the wait ends once it has run 50 ms.
+        notes = threading.Thread(target=noter, args=(2.0,))
+        notes.start()
+        waiter = threading.Thread(target=waits, args=(0.02, 50_000_000))
+        try:
+            time.sleep(0.05)
+            waiter.start()
+            new_loop.call_soon(time.sleep, 0.3)
+            new_loop.run_until_complete(asyncio.sleep(0.31))
+            waiter.join(5)
+        finally:
+            noting[0] = False
+            notes.join(5)
+        assert got[-1][0] is False, got
+        assert got[-1][1] < 0.3, got
+
+
+@needs_native
 def test_native_request_numbers_running_out_fail_the_step(
     new_loop: asyncio.AbstractEventLoop,
 ) -> None:
