@@ -122,14 +122,6 @@ def _threads_cpu_ns() -> dict[int, int]:
     return out
 
 
-def _own_idents(idents: dict[int, Any]) -> set[int]:
-    """Return which of ``idents`` are our own threads, without ``threading.enumerate()``:
-    in a signal handler, the code it interrupted may hold the lock that takes. Read from
-    threading's own table (ident -> Thread) under the GIL instead."""
-    table: dict[int, threading.Thread] = getattr(threading, "_active", {})
-    return {i for i in idents if (t := table.get(i)) is not None and is_own_thread(t.name)}
-
-
 def _task_state(task: asyncio.Future[Any]) -> str:
     """Return how a finished task ended, without retrieving its exception.
 
@@ -368,6 +360,23 @@ class _Recorder:
                 skip.add(th.ident)
         return skip
 
+    def _learn_threads(self, idents: dict[int, Any]) -> set[int]:
+        """Record the threads among ``idents`` not seen before (as :meth:`_refresh_threads`
+        does for all) and return which of them are ours, without ``threading.enumerate()``:
+        in a signal handler, the code it interrupted may hold the lock that takes. Read from
+        threading's own table (ident -> Thread) under the GIL instead. While the ticks take
+        the samples the sampler thread does not refresh: a thread that starts and ends then
+        would otherwise have no name in the trace."""
+        table: dict[int, threading.Thread] = getattr(threading, "_active", {})
+        ours = set()
+        for ident in idents:
+            if ident in self.threads or (th := table.get(ident)) is None:
+                continue
+            self.threads[ident] = (th.native_id, th.name)
+            if is_own_thread(th.name):
+                ours.add(ident)
+        return ours
+
     def _sample(self) -> None:
         me = _get_ident()
         fast = 1 / self.hz
@@ -473,7 +482,7 @@ class _Recorder:
         stacks = current_code_stacks()
         if own is not None:
             stacks[own[0]] = code_stack(own[1])
-            skip = skip | _own_idents(stacks)  # ours started since the thread's last refresh
+            skip.update(self._learn_threads(stacks))  # ours started since the last refresh
         t = _now()
         hook = self.hook
         steps_done = hook.step_times()[1] if hook is not None else 0

@@ -1021,6 +1021,41 @@ async def test_loop_wall_samples_show_where_its_cpu_burns() -> None:
     assert not {n for n in ours if n.startswith("asgi_pprof-")}, ours
 
 
+@pytest.mark.skipif(not trace_hook.available(), reason="no C hook")
+async def test_a_thread_seen_only_in_the_ticks_samples_keeps_its_name() -> None:
+    """While the loop burns CPU its ticks take the wall-clock samples and the sampler
+    thread, which names the threads it sees, sleeps: a thread that starts and ends then is
+    named from the ticks' own reading."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("the ticks' samples need the loop on the main thread")
+    release = threading.Event()
+
+    async def work() -> None:
+        started = time.monotonic()
+        while not tracing.is_capturing() and time.monotonic() - started < 2:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.3)  # the sampler thread is deferring by now
+        th = threading.Thread(target=release.wait, args=(0.4,), name="trace-short-lived")
+        th.start()
+        end = time.monotonic() + 0.6
+        while time.monotonic() < end:  # the loop burns CPU: its ticks sample
+            sum(range(20_000))
+            await asyncio.sleep(0)
+        th.join(5)
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            sum(range(20_000))
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(work())
+    body = await tracing.capture(1.5, SleepWindow(), Options())
+    await task
+    events = check_format(json.loads(body))
+    names = tracks(events)
+    sampled = {e["tid"] for e in events if e.get("cat") == "python"}
+    assert "trace-short-lived" in {names.get(t) for t in sampled}, sorted(names.values())
+
+
 # --- windows that end early -------------------------------------------------------------------
 
 
