@@ -83,6 +83,19 @@ def _thread_cpu_ns(tid: int) -> int | None:
         return None
 
 
+def _thread_run_delay_ns(tid: int) -> int | None:
+    """Return how long thread ``tid`` has waited for a CPU while runnable (ns), None if unknown.
+
+    The second field of ``/proc/self/task/<tid>/schedstat``: time on a run queue, not time
+    asleep (a thread waiting for the GIL sleeps on a condition variable and is not counted).
+    """
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _alive(tid: int) -> bool:
     """Return whether thread ``tid`` of this process still exists (True if unknown)."""
     if not os.path.isdir("/proc/self/task"):
@@ -226,6 +239,13 @@ _CONTENDED_SHARE = 0.9
 """CPU-bound threads using together more than this share of a core contend for the GIL
 (with the GIL, Python threads can use at most one core between them)."""
 
+_CALM_READINGS = 2
+"""Readings in a row that must find no contention before the low interval comes back."""
+
+_CANDIDATE_SHARE = 0.05
+"""A thread using this share of a core may be CPU-bound on a core it shares with other
+processes: its time waiting for a CPU is read too (:func:`_thread_run_delay_ns`)."""
+
 _ACTIVE_SHARE = 0.005
 """A thread read from outside that used this share of a core (over the last rescan) runs:
 its bursts are what the low interval is for."""
@@ -271,6 +291,12 @@ class Sampler:
         self._cpu_seen: dict[int, int] = {}
         """Each thread's CPU clock (by kernel tid) at the last rescan: who burns CPU now."""
         self._cpu_at = 0.0
+        self._contended = False
+        """The last readings' verdict: threads contend for the GIL (:meth:`_still_contended`)."""
+        self._calm = 0
+        self._delay_seen: dict[int, int] = {}
+        """Run-queue waits (by kernel tid) at the last rescan, of the threads that used
+        :data:`_CANDIDATE_SHARE` of a core or more there."""
         self._wake_fds: tuple[int, int] | None = None
         """A pipe that wakes the sampler thread's wait (:meth:`_poke`), while that thread runs."""
         self._wake_lock = threading.Lock()
@@ -621,7 +647,8 @@ class Sampler:
     ) -> float:
         """Lower the switch interval only while it buys accuracy (issue 8, item 14); return
         the seconds until the next rescan: :data:`_RESCAN_S` while a thread read from outside
-        runs and after the first reading of a capture (``first``), else :data:`_IDLE_RESCAN_S`.
+        runs, after the first reading of a capture (``first``) and after a reading that found
+        a new thread (to judge it at the next one), else :data:`_IDLE_RESCAN_S`.
 
         The low interval exists so that a thread whose CPU burst is shorter than the
         interpreter's 5 ms lets us read its frame before the burst ends. It costs nothing
@@ -631,7 +658,11 @@ class Sampler:
         stop them inside their CPU-bound code, where the samples belong. So the low
         interval stays unless two or more threads are CPU-bound (:data:`_BUSY_SHARE`) and
         together keep the GIL busy (:data:`_CONTENDED_SHARE` of the last rescan's wall
-        time, from the threads' own CPU clocks).
+        time). A thread's share is its own CPU clock's, plus, for a thread that used
+        :data:`_CANDIDATE_SHARE` of a core or more, the time it waited runnable for a CPU:
+        where workers outnumber cores, contending threads hold the GIL all the time but get
+        only part of a core (measured: two of them beside one busy process on their core
+        read 0.5 of a core between them, and had the low interval all capture long).
 
         Nor is it lowered when no thread read from outside runs at all (:data:`_ACTIVE_SHARE`):
         the main thread takes its own ticks (exact whatever the interval), and our own
@@ -642,10 +673,11 @@ class Sampler:
         """
         busy = 0
         total = 0.0
-        active = False
+        active = fresh = False
         main = self._main_ident if self._main_by_signal else None
         elapsed = now - self._cpu_at
         seen: dict[int, int] = {}
+        delays: dict[int, int] = {}
         for ident, tid in targets.items():
             if ident == my_ident:
                 continue  # our own reading is not contention we could avoid
@@ -654,27 +686,53 @@ class Sampler:
                 continue
             seen[tid] = cpu
             prev = self._cpu_seen.get(tid)
-            if prev is not None and elapsed > 0:
-                share = (cpu - prev) / 1e9 / elapsed
-                if share > _BUSY_SHARE:
-                    busy += 1
-                    total += share
-                if share >= _ACTIVE_SHARE and ident != main and ident not in ours:
-                    active = True
+            if prev is None or elapsed <= 0:
+                # A thread new to us: its run-queue wait too, so the next rescan has a base,
+                # and that rescan soon, to judge it (Thread.start() woke us for it).
+                if (delay := _thread_run_delay_ns(tid)) is not None:
+                    delays[tid] = delay
+                fresh = fresh or ident not in ours
+                continue
+            share = (cpu - prev) / 1e9 / elapsed
+            if share >= _ACTIVE_SHARE and ident != main and ident not in ours:
+                active = True
+            if share >= _CANDIDATE_SHARE and (delay := _thread_run_delay_ns(tid)) is not None:
+                delays[tid] = delay
+                before = self._delay_seen.get(tid)
+                if before is not None:
+                    share += (delay - before) / 1e9 / elapsed
+            if share > _BUSY_SHARE:
+                busy += 1
+                total += share
+        self._delay_seen = delays
         self._cpu_seen, self._cpu_at = seen, now
         if first or elapsed > 2 * _IDLE_RESCAN_S:
+            self._contended, self._calm = False, 0
             return (
                 _RESCAN_S  # shares since a reading long ago (the previous capture) say nothing now
             )
-        rescan_s = _RESCAN_S if active else _IDLE_RESCAN_S
+        rescan_s = _RESCAN_S if active or fresh else _IDLE_RESCAN_S
         with self._lock:
             if self.switch_interval is None or not self._captures:
                 return rescan_s
-            want_low = active and (busy <= 1 or total < _CONTENDED_SHARE)
+            want_low = active and not self._still_contended(busy > 1 and total >= _CONTENDED_SHARE)
             if want_low != self._holding_switch:
                 self._holding_switch = want_low
                 _switch.want(id(self), self.switch_interval if want_low else None)
         return rescan_s
+
+    def _still_contended(self, contended: bool) -> bool:
+        """Return whether threads contend for the GIL, given this reading's ``contended``: a
+        reading that says they stopped counts only when :data:`_CALM_READINGS` in a row do
+        (two contending threads may take turns within one 50 ms reading, and each reading
+        that says they stopped would hand the GIL over every 0.1 ms until the next one)."""
+        if contended:
+            self._calm = 0
+        elif self._contended:
+            self._calm += 1
+            contended = self._calm < _CALM_READINGS
+        self._contended = contended
+        return contended
 
     def _arm_main(self, tid: int) -> bool:
         """Arm the main thread's ticker if it is wanted; return False if that failed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -170,6 +171,27 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     """Return the first and third quartiles of values (the 25th and 75th of them, sorted)."""
     xs = sorted(values)
     return xs[len(xs) // 4], xs[(3 * len(xs)) // 4]
+
+
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Return a distribution-free confidence interval of the median of values.
+
+    The order statistics at ranks j and n + 1 - j (1-based), where j is the largest rank
+    with P(Binomial(n, 1/2) < j) <= (1 - confidence) / 2: whatever the spread's shape, the
+    true median lies between them with at least that confidence (the sign test's interval).
+    Fewer than 6 values give (min, max).
+    """
+    xs = sorted(values)
+    n = len(xs)
+    tail = (1 - confidence) / 2
+    j, below = 0, 0.0
+    while j < n // 2:
+        below += math.comb(n, j) / 2**n  # P(Binomial < j + 1)
+        if below > tail:
+            break
+        j += 1
+    j = max(j, 1)
+    return xs[j - 1], xs[n - j]
 
 
 def report(name: str, base: list[dict[str, float]], other: list[dict[str, float]]) -> None:

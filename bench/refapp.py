@@ -34,16 +34,21 @@ async def hello(request: Request) -> JSONResponse:
 
 
 # BENCH_TRACEMALLOC=N starts tracemalloc with N frames (the heap benchmark's variants);
-# BENCH_TRACE_HZ=N sets the trace's sampling rate (the trace benchmark's variants).
+# BENCH_TRACE_HZ=N sets the trace's sampling rate, BENCH_SAMPLE_HZ=N the CPU sampler's (the
+# trace benchmark's variants).
 _frames = int(os.environ.get("BENCH_TRACEMALLOC", "0"))
 _trace_hz = int(os.environ.get("BENCH_TRACE_HZ", "250"))
+_sample_hz = int(os.environ.get("BENCH_SAMPLE_HZ", "100"))
 
 app = Starlette(
     routes=[
         Route("/items", items),
         Route("/hello", hello),
         Mount(
-            "/debug/pprof", app=create_app(tracemalloc_frames=_frames, trace_sample_hz=_trace_hz)
+            "/debug/pprof",
+            app=create_app(
+                tracemalloc_frames=_frames, trace_sample_hz=_trace_hz, sample_hz=_sample_hz
+            ),
         ),
     ]
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import random
 import signal
 import socket
@@ -609,6 +610,95 @@ def test_switch_interval_is_lowered_unless_threads_contend_for_the_gil() -> None
             if t.is_alive() or t.ident is not None:
                 t.join()
     assert sys.getswitchinterval() == default
+
+
+def test_a_bursty_thread_started_mid_capture_gets_the_low_interval_at_once() -> None:
+    # Thread.start() wakes the sampler, but that reading cannot know yet what the new
+    # thread does; while nothing else ran, the next reading came a second later, and the
+    # thread's bursts were read up to 5 ms late all that while (1.0-1.1 s here before).
+    threads.install()  # what create_app does
+    default = sys.getswitchinterval()
+    s = get_sampler(100, 0.0001)
+    stop = threading.Event()
+    bursty = threading.Thread(target=workloads.short_bursts_forever, args=(stop,))
+    cap = s.subscribe()
+    try:
+        deadline = time.monotonic() + 2
+        while sys.getswitchinterval() != default and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sys.getswitchinterval() == default, "nothing read from outside runs"
+        time.sleep(0.3)  # the idle readings, a second apart, have begun
+        t0 = time.monotonic()
+        bursty.start()
+        while sys.getswitchinterval() == default and time.monotonic() < t0 + 3:
+            time.sleep(0.005)
+        took = time.monotonic() - t0
+    finally:
+        s.unsubscribe(cap)
+        s.release_signal()
+        stop.set()
+        if bursty.ident is not None:
+            bursty.join()
+    assert took < 0.4, f"the low interval came {took:.2f} s after the thread started"
+
+
+@pytest.mark.skipif(
+    not Path(f"/proc/self/task/{threading.get_native_id()}/schedstat").exists()
+    or not hasattr(os, "sched_setaffinity"),
+    reason="needs Linux's schedstat and CPU affinity",
+)
+def test_threads_contending_on_a_core_shared_with_other_processes_keep_the_default() -> None:
+    # Several workers on fewer cores (gunicorn -w 4 on 2): two threads that contend for the
+    # GIL get only part of a core, so their CPU clocks alone read "not contended", and the
+    # capture handed the GIL over every 0.1 ms all along (every reading low, before the
+    # fix). Here the process and one busy process share one core.
+    proc = run_python(
+        """
+        import json, os, subprocess, sys, threading, time
+        from asgi_pprof.sampler import get_sampler
+
+        core = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        os.sched_setaffinity(hog.pid, {core})
+        stop = threading.Event()
+        doc = {"items": [{"id": i, "name": f"n{i}"} for i in range(30)]}
+
+        def crunch():
+            while not stop.is_set():
+                json.loads(json.dumps(doc))
+
+        spinners = [threading.Thread(target=crunch) for _ in range(2)]
+        try:
+            for t in spinners:
+                t.start()
+            time.sleep(0.3)
+            default = sys.getswitchinterval()
+            s = get_sampler(100, 0.0001)
+            cap = s.subscribe()
+            t0, cpu0 = time.monotonic(), time.process_time()
+            time.sleep(0.5)  # the interval is decided from the second reading, at 50 ms
+            readings = []
+            for _ in range(20):
+                time.sleep(0.05)
+                readings.append(sys.getswitchinterval())
+            share = (time.process_time() - cpu0) / (time.monotonic() - t0)
+            s.unsubscribe(cap)
+            s.release_signal()
+        finally:
+            stop.set()
+            hog.kill()
+        for t in spinners:
+            t.join()
+        low = sum(r < default for r in readings)
+        print(f"share={share:.2f} low={low}")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    share = float(proc.stdout.split("share=")[1].split()[0])
+    low = int(proc.stdout.split("low=")[1])
+    assert share < 0.8, f"the busy process did not take its part of the core: {share:.2f}"
+    assert low == 0, f"{low} of 20 readings had the low interval while the threads contended"
 
 
 def test_a_thread_started_mid_capture_is_ticked_from_its_start() -> None:
