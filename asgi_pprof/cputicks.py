@@ -254,7 +254,7 @@ class Ticker:
     (The timers' ticks are already scattered: the kernel checks them at its own tick.)
     """
 
-    __slots__ = ("_lock", "_period_ns", "_random", "fd", "key", "timer")
+    __slots__ = ("_lock", "_random", "fd", "key", "period_ns", "timer")
 
     def __init__(
         self, key: int, fd: int | None, timer: ctypes.c_void_p | None, period_ns: int = 0
@@ -262,7 +262,8 @@ class Ticker:
         self.key = key
         self.fd = fd
         self.timer = timer
-        self._period_ns = period_ns
+        self.period_ns = period_ns
+        """The mean period of the next draws (perf events); set it to change the rate."""
         self._lock = threading.Lock()
         self._random = random.Random()
 
@@ -276,7 +277,7 @@ class Ticker:
             return
         try:
             if self.fd is not None:
-                p = self._period_ns
+                p = self.period_ns
                 period = self._random.randint(p // 2, p + p // 2)
                 with contextlib.suppress(OSError):
                     fcntl.ioctl(self.fd, _IOC_PERIOD, struct.pack("Q", period))

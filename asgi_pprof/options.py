@@ -56,7 +56,14 @@ class Options:
     trace_sample_hz: int = 250
     """Wall-clock stack sampling rate during ``/trace`` while a loop step runs long (50 Hz
     otherwise: each wake-up takes the GIL). The trace's CPU tracks come from the CPU
-    sampler, at ``sample_hz``."""
+    sampler (``trace_cpu_hz``)."""
+
+    trace_cpu_hz: int = 50
+    """CPU ticks per second of a thread's CPU during ``/trace`` while no CPU profile runs
+    (the trace's CPU tracks, and the loop's wall-clock samples while it burns CPU); a CPU
+    profile running at the same time ticks both at ``sample_hz``. Each tick costs the
+    ticked thread ~0.3 ms of CPU on a virtual machine, so this is most of the samplers'
+    cost; at most ``sample_hz``."""
 
     trace_max_events: int = 200_000
     """Most events one trace keeps (about 45 MB of JSON); past it the trace says it was cut."""
@@ -66,7 +73,7 @@ class Options:
     it a request gets 429 at once. A scraper holds one; 8 leaves room for people."""
 
     max_trace_seconds: int = 30
-    """Longest ``/trace`` window (the trace hooks every loop step: +16-62 % CPU per request)."""
+    """Longest ``/trace`` window (the trace hooks every loop step: about +10 % CPU per request)."""
 
     max_heap_window_seconds: int = 30
     """Longest ``heap?seconds=N`` window in window mode (tracemalloc on process-wide)."""
@@ -122,6 +129,7 @@ class Options:
         _int_in("tracemalloc_frames", self.tracemalloc_frames, 0, 1000)
         _int_in("heap_window_frames", self.heap_window_frames, 1, 1000)
         _int_in("trace_sample_hz", self.trace_sample_hz, 1, 10_000)
+        _int_in("trace_cpu_hz", self.trace_cpu_hz, 1, 1000)
         _int_in("trace_max_events", self.trace_max_events, 1000, 100_000_000)
         if self.block_profile_rate is not None:
             _int_in("block_profile_rate", self.block_profile_rate, 0, 10**15)

@@ -132,6 +132,9 @@ class Capture:
     end_mono: float = 0.0
     timeline: list[TimelineTick] | None = None
     """Every tick in the order taken, when subscribed with ``timeline=True``."""
+    tick_ns: int = 0
+    """The longest mean tick period this capture accepts (0: the sampler's period). The
+    sampler ticks at the shortest of its captures' (:meth:`Sampler.tick_period_ns`)."""
     on_main_tick: Callable[[types.FrameType], None] | None = None
     """Called with the interrupted frame at each of the main thread's own ticks, in its
     ``SIGPROF`` handler (the GIL held, no hand-over needed): the trace takes its wall-clock
@@ -312,16 +315,20 @@ class Sampler:
         *,
         timeline: bool = False,
         on_main_tick: Callable[[types.FrameType], None] | None = None,
+        tick_ns: int = 0,
     ) -> Capture:
         """Return a new capture that receives every sample from now until unsubscribed.
 
         With ``timeline`` the capture also keeps every tick in order (``Capture.timeline``);
-        ``on_main_tick`` is called at the main thread's own ticks (``Capture.on_main_tick``).
+        ``on_main_tick`` is called at the main thread's own ticks (``Capture.on_main_tick``);
+        ``tick_ns`` is the longest mean period between ticks the capture accepts (0: the
+        sampler's; see :meth:`tick_period_ns`).
         """
         cap = Capture(
             period_ns=self.period_ns,
             timeline=[] if timeline else None,
             on_main_tick=on_main_tick,
+            tick_ns=tick_ns,
         )
         for tid in self._targets().values():
             cpu = _thread_cpu_ns(tid)
@@ -332,6 +339,7 @@ class Sampler:
             self._use_signal_for_main()
             first = not self._captures
             self._captures = (*self._captures, cap)
+            self._retime_main()
             if first and self.switch_interval is not None and not self._holding_switch:
                 _switch.want(id(self), self.switch_interval)
                 self._holding_switch = True
@@ -349,6 +357,7 @@ class Sampler:
             if cap in self._captures:
                 self._captures = tuple(c for c in self._captures if c is not cap)
                 cap.end_mono = time.monotonic()
+                self._retime_main()
             if not self._captures:
                 self._delete_main_timer()
                 if self._holding_switch:
@@ -374,6 +383,31 @@ class Sampler:
             # has not delivered yet; only then is the previous (default: fatal) action safe.
             signal.signal(_SIGNAL, signal.SIG_IGN)
             signal.signal(_SIGNAL, self._previous_handler)  # type: ignore[arg-type]
+
+    def tick_period_ns(self) -> int:
+        """Return the mean tick period now: the shortest its captures accept.
+
+        A capture that accepts longer periods (the trace's CPU tracks, ``trace_cpu_hz``)
+        makes the ticks rarer while it runs alone: on a virtual machine each tick costs the
+        ticked thread several times its handler's own work (the timer's interrupt, the
+        signal, the caches), so the rate is what a capture costs. Any capture that wants
+        the full rate (a CPU profile) gets it for all. The ticks' weights are the threads'
+        own CPU clocks, so a rate that changes mid-capture changes no total.
+        """
+        return (
+            min(
+                (cap.tick_ns if cap.tick_ns > self.period_ns else self.period_ns)
+                for cap in self._captures
+            )
+            if self._captures
+            else self.period_ns
+        )
+
+    def _retime_main(self) -> None:
+        # Under self._lock: the main thread's ticker draws its next period from this.
+        ticker = self._main_timer
+        if ticker is not None:
+            ticker.period_ns = self.tick_period_ns()
 
     def _delete_main_timer(self) -> None:
         # Under self._lock.
@@ -596,7 +630,7 @@ class Sampler:
                             if not self._arm_main(tid):
                                 failed.append(tid)
                             continue
-                        ticker = cputicks.open_ticker(tid, self.period_ns, my_tid, next_key)
+                        ticker = cputicks.open_ticker(tid, self.tick_period_ns(), my_tid, next_key)
                         if ticker is None:
                             failed.append(tid)
                             continue
@@ -631,8 +665,11 @@ class Sampler:
                 ticks = self._read_ticks(fd, keys)
                 if ticks:
                     self._deliver(ticks, stacks, labels)
+                    period = self.tick_period_ns()
                     for ident in ticks:
-                        tickers[ident][1].rearm()
+                        ticker = tickers[ident][1]
+                        ticker.period_ns = period
+                        ticker.rearm()
                 del stacks
         finally:
             for _, ticker in tickers.values():
@@ -741,7 +778,7 @@ class Sampler:
         with self._lock:
             if self._main_timer is None and self._captures and self._main_by_signal:
                 self._main_timer = cputicks.open_ticker(
-                    tid, self.period_ns, tid, 0, perf_signal=_SIGNAL
+                    tid, self.tick_period_ns(), tid, 0, perf_signal=_SIGNAL
                 )
                 return self._main_timer is not None
         return True

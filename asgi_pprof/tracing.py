@@ -141,6 +141,10 @@ class _Recorder:
         self.loop = loop
         self.limit = options.trace_max_events
         self.hz = options.trace_sample_hz
+        self._cpu_hz = options.trace_cpu_hz
+        self.cpu_period_ns = 1_000_000_000 // options.sample_hz
+        """The CPU ticks' mean period as the capture ended (the sampler's at the rate a
+        concurrent CPU profile asked for, else ``trace_cpu_hz``'s)."""
         self.records: list[Any] = []
         self.late_names: dict[int, str] = {}
         self.step_start = 0
@@ -441,7 +445,7 @@ class _Recorder:
         # on average), and not within half a period of the thread's last: the thread's
         # wait defers only to the ticks' samples, so they must come in between.
         period = 1_000_000_000 // _IDLE_HZ
-        own = period - self._cpu_sampler.period_ns // 2
+        own = period - self._cpu_sampler.tick_period_ns() // 2
         if now - self._tick_sampled_ns < own or now - self._sampled_ns < period // 2:
             return
         if not self._sampling.acquire(blocking=False):
@@ -545,7 +549,11 @@ class _Recorder:
         # thread from its own SIGPROF handler, other threads' from their CPU timers.
         # The wall-clock samples are taken in the main thread's ticks too while it burns CPU
         # (_on_main_tick): the sampler thread's wait then sleeps on.
-        self._cpu = self._cpu_sampler.subscribe(timeline=True, on_main_tick=self._on_main_tick)
+        self._cpu = self._cpu_sampler.subscribe(
+            timeline=True,
+            on_main_tick=self._on_main_tick,
+            tick_ns=1_000_000_000 // self._cpu_hz,
+        )
         self._cpu_start = _threads_cpu_ns()
         self._sampler = threading.Thread(
             target=self._sampler_main, name=THREAD_PREFIX + "trace", daemon=True
@@ -574,6 +582,7 @@ class _Recorder:
             # (Sampler keeps it private; asked for a public property.)
             if getattr(self._cpu_sampler, "_main_by_signal", False):
                 self.cpu_exact = threading.main_thread().ident
+            self.cpu_period_ns = self._cpu_sampler.tick_period_ns()  # as it ended
             self._cpu_sampler.unsubscribe(self._cpu)  # cheap, synchronous
             end = _threads_cpu_ns()
             self.cpu_ns = {
@@ -674,7 +683,7 @@ class _Recorder:
             notes=notes,
             request_labels=self.requests.labels,
             cpu_ticks=list(self._cpu.timeline or ()) if self._cpu is not None else [],
-            cpu_period_ns=self._cpu_sampler.period_ns,
+            cpu_period_ns=self.cpu_period_ns,
             cpu_exact=self.cpu_exact,
             cpu_ns=self.cpu_ns,
             late_names=self.late_names,

@@ -34,11 +34,11 @@ async def hello(request: Request) -> JSONResponse:
 
 
 # BENCH_TRACEMALLOC=N starts tracemalloc with N frames (the heap benchmark's variants);
-# BENCH_TRACE_HZ=N sets the trace's sampling rate, BENCH_SAMPLE_HZ=N the CPU sampler's (the
-# trace benchmark's variants).
+# BENCH_TRACE_HZ=N sets the trace's wall-clock sampling rate, BENCH_TRACE_CPU_HZ=N its CPU
+# ticks' (the trace benchmark's variants).
 _frames = int(os.environ.get("BENCH_TRACEMALLOC", "0"))
 _trace_hz = int(os.environ.get("BENCH_TRACE_HZ", "250"))
-_sample_hz = int(os.environ.get("BENCH_SAMPLE_HZ", "100"))
+_trace_cpu_hz = int(os.environ.get("BENCH_TRACE_CPU_HZ", "50"))
 
 app = Starlette(
     routes=[
@@ -47,7 +47,7 @@ app = Starlette(
         Mount(
             "/debug/pprof",
             app=create_app(
-                tracemalloc_frames=_frames, trace_sample_hz=_trace_hz, sample_hz=_sample_hz
+                tracemalloc_frames=_frames, trace_sample_hz=_trace_hz, trace_cpu_hz=_trace_cpu_hz
             ),
         ),
     ]
@@ -70,8 +70,13 @@ def _variants() -> None:
     class _NoCPU:
         period_ns = 10_000_000
 
-        def subscribe(self, timeline: bool = False, on_main_tick: object = None) -> sampler.Capture:
+        def subscribe(
+            self, timeline: bool = False, on_main_tick: object = None, tick_ns: int = 0
+        ) -> sampler.Capture:
             return sampler.Capture(period_ns=self.period_ns, timeline=[])
+
+        def tick_period_ns(self) -> int:
+            return self.period_ns
 
         def unsubscribe(self, cap: sampler.Capture) -> None:
             pass

@@ -481,6 +481,58 @@ def test_main_tick_listeners_get_the_interrupted_frame_and_never_raise_into_it()
     assert seen.count("spin_cpu") >= 0.8 * len(seen), seen
 
 
+def test_ticks_come_at_the_rate_the_running_captures_want() -> None:
+    # The trace accepts rarer ticks (trace_cpu_hz: each costs the ticked thread ~0.3 ms on
+    # a VM); a CPU profile beside it gets its full rate, for both; every capture's CPU is
+    # the threads' own clocks whatever the rate.
+    proc = run_python(
+        """
+        import threading, time
+        from asgi_pprof import cputicks
+        from asgi_pprof.sampler import get_sampler
+        from tests import workloads
+
+        def ticks(cap):
+            return sum(n for n, _ in cap.totals().values())
+
+        def cpu_ms(cap):
+            return sum(ns for _, ns in cap.totals().values()) / 1e6
+
+        s = get_sampler(100, 0.0001)
+        coarse = s.subscribe(tick_ns=20_000_000)
+        workloads.spin_cpu(1.0)
+        alone = ticks(coarse)
+        full = s.subscribe()
+        workloads.spin_cpu(1.0)
+        both = ticks(coarse) - alone, ticks(full)
+        s.unsubscribe(full)
+        before = ticks(coarse)
+        t = threading.Thread(target=workloads.spin_cpu, args=(1.0,))
+        t.start()
+        t.join()
+        other = ticks(coarse) - before
+        s.unsubscribe(coarse)
+        s.release_signal()
+        print(f"source={cputicks.source()} alone={alone} both={both[0]},{both[1]} "
+              f"other={other} cpu_ms={cpu_ms(coarse):.0f},{cpu_ms(full):.0f}")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = dict(kv.split("=") for kv in proc.stdout.split())
+    if out["source"] != "perf":
+        pytest.skip("the POSIX timers tick at a fixed rate: only perf events are re-timed")
+    alone, other = int(out["alone"]), int(out["other"])
+    coarse_both, full_both = (int(x) for x in out["both"].split(","))
+    coarse_ms, full_ms = (float(x) for x in out["cpu_ms"].split(","))
+    assert 30 <= alone <= 70, f"{alone} ticks in 1 s of the main thread's CPU at 50 Hz"
+    assert 70 <= full_both <= 130, f"{full_both} ticks at 100 Hz beside a CPU profile"
+    assert 70 <= coarse_both <= 130, f"{coarse_both} ticks: the CPU profile's rate is for all"
+    assert 30 <= other <= 70, f"{other} ticks in 1 s of another thread's CPU at 50 Hz"
+    # The coarse capture's CPU: 3 s burnt (less what the capture never saw of the thread).
+    assert 2700 <= coarse_ms <= 3300, coarse_ms
+    assert 900 <= full_ms <= 1100, full_ms
+
+
 def test_a_pool_thread_started_mid_capture_is_sampled_at_once() -> None:
     # Our pool's threads are started with _thread (see concurrency), which Thread.start()'s
     # listeners never see. A capture past its first rescans, with no other thread running,
