@@ -242,7 +242,7 @@ def _sharing_a_core() -> Iterator[None]:
         os.sched_setaffinity(0, saved)
 
 
-def capture_cost_on_threads(rounds: int = 60, work: int = 3000) -> None:
+def capture_cost_on_threads(rounds: int = 120, work: int = 3000) -> None:
     """Item 14: fixed work on 1 and 2 GIL-contended threads, no capture vs a capture.
 
     On a shared VM the same work's CPU time drifts by up to 2x over seconds (frequency,
