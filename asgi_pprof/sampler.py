@@ -690,7 +690,7 @@ class Sampler:
         The low interval exists so that a thread whose CPU burst is shorter than the
         interpreter's 5 ms lets us read its frame before the burst ends. It costs nothing
         while threads take turns (bursts, then waits), but threads that all want the GIL at
-        once would hand it over every 0.1 ms (measured: x1.38 CPU for two CPU-bound
+        once would hand it over every 0.1 ms (measured: x1.42-1.46 CPU for two CPU-bound
         threads). And while they contend, the default interval's forced hand-offs already
         stop them inside their CPU-bound code, where the samples belong. So the low
         interval stays unless two or more threads are CPU-bound (:data:`_BUSY_SHARE`) and
