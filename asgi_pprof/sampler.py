@@ -394,13 +394,8 @@ class Sampler:
         the full rate (a CPU profile) gets it for all. The ticks' weights are the threads'
         own CPU clocks, so a rate that changes mid-capture changes no total.
         """
-        return (
-            min(
-                (cap.tick_ns if cap.tick_ns > self.period_ns else self.period_ns)
-                for cap in self._captures
-            )
-            if self._captures
-            else self.period_ns
+        return min(
+            (max(cap.tick_ns, self.period_ns) for cap in self._captures), default=self.period_ns
         )
 
     def _retime_main(self) -> None:

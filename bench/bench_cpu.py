@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -158,10 +159,7 @@ class _Workers:
     (their capture kept whatever interval the last reading chose)."""
 
     def __init__(self, n: int) -> None:
-        import json
-
         self._doc = {"items": [{"id": i, "name": f"n{i}", "tags": ["a", "b"]} for i in range(30)]}
-        self._json = json
         self._go = [threading.Semaphore(0) for _ in range(n)]
         self._done = threading.Semaphore(0)
         self._work = 0
@@ -181,7 +179,7 @@ class _Workers:
                 return
             t0, n0 = time.thread_time(), _switches()
             for _ in range(work):
-                self._json.loads(self._json.dumps(self._doc))
+                json.loads(json.dumps(self._doc))
             with self._lock:
                 self._out.append((time.thread_time() - t0, _switches() - n0))
             self._done.release()
