@@ -58,12 +58,13 @@ class Options:
     otherwise: each wake-up takes the GIL). The trace's CPU tracks come from the CPU
     sampler (``trace_cpu_hz``)."""
 
-    trace_cpu_hz: int = 50
+    trace_cpu_hz: int = 100
     """CPU ticks per second of a thread's CPU during ``/trace`` while no CPU profile runs
     (the trace's CPU tracks, and the loop's wall-clock samples while it burns CPU); a CPU
     profile running at the same time ticks both at ``sample_hz``. Each tick costs the
     ticked thread ~0.3 ms of CPU on a virtual machine, so this is most of the samplers'
-    cost; at most ``sample_hz``."""
+    cost (50 saves 2-3 points of the trace's, but dilutes the loop's wall-clock samples:
+    see the README); at most ``sample_hz``."""
 
     trace_max_events: int = 200_000
     """Most events one trace keeps (about 45 MB of JSON); past it the trace says it was cut."""

@@ -38,7 +38,7 @@ async def hello(request: Request) -> JSONResponse:
 # ticks' (the trace benchmark's variants).
 _frames = int(os.environ.get("BENCH_TRACEMALLOC", "0"))
 _trace_hz = int(os.environ.get("BENCH_TRACE_HZ", "250"))
-_trace_cpu_hz = int(os.environ.get("BENCH_TRACE_CPU_HZ", "50"))
+_trace_cpu_hz = int(os.environ.get("BENCH_TRACE_CPU_HZ", "100"))
 
 app = Starlette(
     routes=[
